@@ -1,0 +1,143 @@
+#include "checkpoint/checkpoint.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "checkpoint/atomic_dir.h"
+#include "checkpoint/safetensors.h"
+#include "core/error.h"
+
+namespace fs = std::filesystem;
+
+namespace mop {
+
+namespace {
+constexpr int kFormatVersion = 1;
+
+std::string read_text(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  MOP_CHECK(f.good(), "cannot open {}", path);
+  return std::string(std::istreambuf_iterator<char>(f), {});
+}
+
+void write_text(const std::string& path, const std::string& text) {
+  std::ofstream f(path, std::ios::binary);
+  f << text;
+  f.close();
+  MOP_CHECK(f.good(), "cannot write {}", path);
+}
+}  // namespace
+
+void save_checkpoint(const std::string& dir, const Config& cfg, const ParamTable& t, const float* params,
+                     const AdamW* opt, const TrainState* st) {
+  ckpt::AtomicDir out(dir);
+  {
+    ckpt::SafetensorsWriter w;
+    w.set_metadata("format", "pt");
+    for (const auto& p : t.params) w.add(p.name, DType::f32, p.shape, params + p.offset);
+    w.write(out.path("model.safetensors"));
+  }
+  if (opt) {
+    ckpt::SafetensorsWriter w;
+    for (const auto& p : t.params) {
+      if (!p.trainable) continue;
+      w.add("exp_avg." + p.name, DType::f32, p.shape, opt->m() + p.offset);
+      w.add("exp_avg_sq." + p.name, DType::f32, p.shape, opt->v() + p.offset);
+    }
+    w.write(out.path("optimizer.safetensors"));
+  }
+  nlohmann::json j;
+  j["format_version"] = kFormatVersion;
+  j["params_total"] = t.total;
+  if (st) {
+    j["step"] = st->step;
+    j["optimizer_steps"] = opt ? opt->steps_taken() : 0;
+    j["rng_state"] = std::to_string(st->rng_state);  // as a string: JSON numbers lose 64-bit precision
+    j["data_cursor"] = st->cursor;
+    j["tokens_seen"] = st->tokens_seen;
+    j["elapsed_s"] = st->elapsed_s;
+  }
+  write_text(out.path("state.json"), j.dump(2) + "\n");
+  write_text(out.path("config.toml"), cfg.to_toml());
+  out.commit();
+}
+
+bool checkpoint_has_state(const std::string& dir) {
+  return fs::exists(fs::path(dir) / "optimizer.safetensors");
+}
+
+std::string resolve_checkpoint(const std::string& path) {
+  fs::path p(path);
+  MOP_CHECK(fs::is_directory(p), "checkpoint path '{}' is not a directory", path);
+  if (fs::exists(p / "model.safetensors")) return p.string();
+  fs::path latest = p / "checkpoints" / "latest";
+  MOP_CHECK(fs::exists(latest), "'{}' is neither a checkpoint (no model.safetensors) nor a run directory (no {})",
+            path, latest.string());
+  std::string name = read_text(latest.string());
+  while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
+  fs::path ck = p / "checkpoints" / name;
+  MOP_CHECK(fs::exists(ck / "model.safetensors"), "{} names '{}', which has no model.safetensors", latest.string(),
+            name);
+  return ck.string();
+}
+
+Config checkpoint_config(const std::string& dir, const Overrides& overrides) {
+  return load_config((fs::path(dir) / "config.toml").string(), overrides);
+}
+
+void load_checkpoint(const std::string& dir, const ParamTable& t, float* params, AdamW* opt, TrainState* st) {
+  ckpt::SafetensorsFile model((fs::path(dir) / "model.safetensors").string());
+  for (const auto& p : t.params) model.read_as_f32(p.name, p.shape, params + p.offset);
+  if (!opt && !st) return;
+
+  const std::string state_path = (fs::path(dir) / "state.json").string();
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(read_text(state_path));
+  } catch (const nlohmann::json::exception& e) {
+    MOP_FAIL("{}: not valid JSON: {}", state_path, e.what());
+  }
+  MOP_CHECK(j.value("format_version", 0) == kFormatVersion, "{}: format_version {} (this build reads {})",
+            state_path, j.value("format_version", 0), kFormatVersion);
+  MOP_CHECK(j.contains("step"), "{}: no training state (a weights-only checkpoint cannot be resumed)", state_path);
+  MOP_CHECK(j.value("params_total", int64_t(-1)) == t.total, "{}: checkpoint holds {} parameters, the model has {}",
+            state_path, j.value("params_total", int64_t(-1)), t.total);
+  if (st) {
+    st->step = j.at("step").get<int64_t>();
+    st->rng_state = std::stoull(j.at("rng_state").get<std::string>());
+    st->cursor = j.at("data_cursor").get<data::Cursor>();
+    st->tokens_seen = j.value("tokens_seen", int64_t(0));
+    st->elapsed_s = j.value("elapsed_s", 0.0);
+  }
+  if (opt) {
+    ckpt::SafetensorsFile o((fs::path(dir) / "optimizer.safetensors").string());
+    for (const auto& p : t.params) {
+      if (!p.trainable) continue;
+      o.read_into("exp_avg." + p.name, DType::f32, p.shape, opt->m() + p.offset);
+      o.read_into("exp_avg_sq." + p.name, DType::f32, p.shape, opt->v() + p.offset);
+    }
+    opt->set_steps_taken(j.value("optimizer_steps", int64_t(0)));
+  }
+}
+
+std::string save_run_checkpoint(const std::string& run_dir, int64_t keep, const Config& cfg, const ParamTable& t,
+                                const float* params, const AdamW& opt, const TrainState& st) {
+  fs::path root = fs::path(run_dir) / "checkpoints";
+  fs::create_directories(root);
+  std::string name = fmt::format("step_{:07}", st.step);
+  save_checkpoint((root / name).string(), cfg, t, params, &opt, &st);
+  ckpt::write_text_file_atomic((root / "latest").string(), name + "\n");
+  std::vector<std::string> all;
+  for (const auto& e : fs::directory_iterator(root))
+    if (e.is_directory() && e.path().filename().string().rfind("step_", 0) == 0 &&
+        e.path().filename().string().find('.') == std::string::npos)
+      all.push_back(e.path().filename().string());
+  std::sort(all.begin(), all.end());
+  for (size_t i = 0; i + size_t(keep) < all.size(); ++i)
+    if (all[i] != name) fs::remove_all(root / all[i]);
+  return (root / name).string();
+}
+
+}  // namespace mop

@@ -1,0 +1,94 @@
+#include "cli/commands.h"
+
+#include <fmt/format.h>
+
+#include <filesystem>
+
+#include "checkpoint/checkpoint.h"
+#include "checkpoint/hf.h"
+#include "data/prepare.h"
+#include "model/decoder.h"
+#include "train/data_setup.h"
+#include "train/trainer.h"
+
+namespace fs = std::filesystem;
+
+namespace mop::cli {
+
+int train(const TrainArgs& a) {
+  const Overrides ov = parse_overrides(a.sets);
+  Config cfg;
+  if (!a.resume.empty()) {
+    MOP_CHECK(a.config.empty(), "--resume continues with the checkpoint's config; use --set to change keys, not --config");
+    cfg = checkpoint_config(resolve_checkpoint(a.resume), ov);
+  } else {
+    cfg = load_config(a.config, ov);
+  }
+  Trainer t(cfg, TrainOptions{a.resume, a.init_from, false});
+  t.run();
+  return 0;
+}
+
+int eval(const EvalArgs& a) {
+  const std::string dir = resolve_checkpoint(a.checkpoint);
+  Config cfg = checkpoint_config(dir, parse_overrides(a.sets));
+  configure_threads(cfg.train.threads);
+  ParamTable table = build_param_table(cfg.model, cfg.train.decay_embeddings);
+  HostArray<float> params(size_t(table.total), Mem::params);
+  load_checkpoint(dir, table, params.data(), nullptr, nullptr);
+  Decoder<float> model(cfg.model, table);
+  model.bind(params.data(), nullptr);
+
+  auto loader = make_loader_for(a.data, int(cfg.model.vocab_size), int(cfg.train.seq_len), cfg.train.seed);
+  // Every window once, in the loader's epoch-0 order (the sum does not depend on the order).
+  uint64_t left = loader->num_windows();
+  if (a.max_batches > 0) left = std::min<uint64_t>(left, uint64_t(a.max_batches * cfg.train.batch));
+  double sum = 0;
+  int64_t tokens = 0;
+  data::Batch b;
+  while (left > 0) {
+    const int rows = int(std::min<uint64_t>(left, uint64_t(cfg.train.batch)));
+    loader->next_batch(rows, b);
+    LossStats st = model.forward_loss(token_batch(b));
+    sum += st.ce_sum;
+    tokens += st.ce_tokens;
+    left -= uint64_t(rows);
+  }
+  fmt::print("eval_loss={:.6f} tokens={}\n", tokens ? sum / double(tokens) : 0.0, tokens);
+  return 0;
+}
+
+int export_hf(const std::string& checkpoint, const std::string& out) {
+  const std::string dir = resolve_checkpoint(checkpoint);
+  Config cfg = checkpoint_config(dir, {});
+  ParamTable table = build_param_table(cfg.model, cfg.train.decay_embeddings);
+  HostArray<float> params(size_t(table.total), Mem::params);
+  load_checkpoint(dir, table, params.data(), nullptr, nullptr);
+  hf_export(out, cfg.model, table, params.data());
+  fmt::print("exported {} ({} parameters) to {}\n", dir, table.total, out);
+  return 0;
+}
+
+int import_hf(const std::string& hf_dir, const std::string& out, const std::vector<std::string>& sets) {
+  Config cfg = load_config("", parse_overrides(sets));
+  cfg.model = hf_read_config(hf_dir);
+  cfg.run.name = "import";
+  cfg.validate();
+  ParamTable table = build_param_table(cfg.model, cfg.train.decay_embeddings);
+  HostArray<float> params(size_t(table.total), Mem::params);
+  hf_load_weights(hf_dir, table, params.data());
+  save_checkpoint(out, cfg, table, params.data(), nullptr, nullptr);
+  fmt::print("imported {} ({} parameters) into checkpoint {}\n", hf_dir, table.total, out);
+  return 0;
+}
+
+int data_prepare(const PrepareArgs& a) {
+  MOP_CHECK(a.shard_tokens > 0, "--shard-tokens must be positive, got {}", a.shard_tokens);
+  data::PrepareStats s = data::prepare_shards(a.inputs, a.out, a.val_fraction, a.seed, size_t(a.shard_tokens));
+  fmt::print("prepared {} documents ({} tokens): train {} docs / {} tokens in {} shard(s), val {} docs / {} tokens in {} shard(s) -> {}\n",
+             s.docs, s.tokens, s.train_docs, s.train_tokens, s.train_shards, s.val_docs, s.val_tokens, s.val_shards,
+             a.out);
+  return 0;
+}
+
+}  // namespace mop::cli

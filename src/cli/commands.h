@@ -1,0 +1,36 @@
+// `mop` subcommands. Each returns the process exit code; errors are thrown as mop::Error and
+// printed once by main.
+#pragma once
+#include <string>
+#include <vector>
+
+namespace mop::cli {
+
+struct TrainArgs {
+  std::string config;
+  std::vector<std::string> sets;
+  std::string resume;
+  std::string init_from;
+};
+int train(const TrainArgs& a);
+
+struct EvalArgs {
+  std::string checkpoint, data;
+  std::vector<std::string> sets;
+  int64_t max_batches = 0;
+};
+int eval(const EvalArgs& a);
+
+int export_hf(const std::string& checkpoint, const std::string& out);
+int import_hf(const std::string& hf_dir, const std::string& out, const std::vector<std::string>& sets);
+
+struct PrepareArgs {
+  std::vector<std::string> inputs;
+  std::string out;
+  double val_fraction = 0.05;
+  uint64_t seed = 1;
+  int64_t shard_tokens = 100'000'000;
+};
+int data_prepare(const PrepareArgs& a);
+
+}  // namespace mop::cli

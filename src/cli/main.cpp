@@ -1,0 +1,79 @@
+// mop: train | eval | export | import | data prepare | config
+// The set of flags is small and frozen by tests/e2e/test_cli.cpp; everything else is a config key
+// (`--set key=value`).
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include "cli/commands.h"
+#include "core/error.h"
+#include "train/config.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"mop: memory-efficient Mixture-of-Experts training"};
+  app.require_subcommand(1);
+
+  mop::cli::TrainArgs ta;
+  auto* train = app.add_subcommand("train", "train a model (default: the tiny preset on the built-in corpus)");
+  train->add_option("--config", ta.config, "TOML config file");
+  train->add_option("--set", ta.sets, "override a config key: --set train.lr=1e-3 (repeatable)");
+  train->add_option("--resume", ta.resume, "continue from a run or checkpoint directory");
+  train->add_option("--init-from", ta.init_from, "initialise weights from a checkpoint (fresh optimizer)");
+
+  mop::cli::EvalArgs ea;
+  auto* eval = app.add_subcommand("eval", "evaluate a checkpoint; last line: eval_loss=<float> tokens=<int>");
+  eval->add_option("--checkpoint", ea.checkpoint, "run or checkpoint directory")->required();
+  eval->add_option("--data", ea.data, "token shard, shard directory or text file")->required();
+  eval->add_option("--set", ea.sets, "override a config key (e.g. train.seq_len, train.batch)");
+  eval->add_option("--max-batches", ea.max_batches, "stop after this many batches (0 = all)");
+
+  std::string ex_ckpt, ex_out;
+  auto* exp = app.add_subcommand("export", "write a Hugging Face directory (config.json + model.safetensors)");
+  exp->add_option("--checkpoint", ex_ckpt, "run or checkpoint directory")->required();
+  exp->add_option("--out", ex_out, "output directory")->required();
+
+  std::string im_in, im_out;
+  std::vector<std::string> im_sets;
+  auto* imp = app.add_subcommand("import", "read a Hugging Face directory into a mop checkpoint");
+  imp->add_option("--hf", im_in, "Hugging Face model directory")->required();
+  imp->add_option("--out", im_out, "checkpoint directory to write")->required();
+  imp->add_option("--set", im_sets, "override a non-model config key");
+
+  mop::cli::PrepareArgs pa;
+  auto* data = app.add_subcommand("data", "data tools");
+  data->require_subcommand(1);
+  auto* prep = data->add_subcommand("prepare", "text files -> token shards (byte-level tokenizer)");
+  prep->add_option("--input", pa.inputs, "text files; documents are separated by blank lines")->required();
+  prep->add_option("--out", pa.out, "output directory")->required();
+  prep->add_option("--val-fraction", pa.val_fraction, "fraction of documents held out");
+  prep->add_option("--seed", pa.seed, "seed of the train/val split");
+  prep->add_option("--shard-tokens", pa.shard_tokens, "maximum tokens per shard");
+
+  auto* config = app.add_subcommand("config", "print every config key with its default and meaning");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    if (*train) return mop::cli::train(ta);
+    if (*eval) return mop::cli::eval(ea);
+    if (*exp) return mop::cli::export_hf(ex_ckpt, ex_out);
+    if (*imp) return mop::cli::import_hf(im_in, im_out, im_sets);
+    if (*prep) return mop::cli::data_prepare(pa);
+    if (*config) {
+      fmt::print("{}", mop::config_reference());
+      return 0;
+    }
+  } catch (const mop::OutOfMemory& e) {
+    fmt::print(stderr, "error: {}\n", e.what());
+    return 3;
+  } catch (const mop::Error& e) {
+    fmt::print(stderr, "error: {}\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "error: {}\n", e.what());
+    return 2;
+  }
+  return 0;
+}

@@ -1,0 +1,75 @@
+// The one size table: every parameter (and non-trained buffer) of a model with its Hugging Face
+// name, shape and offset in one flat array. The allocator, the optimizer, checkpoints, export
+// and (later) the planner and ZeRO sharding all walk this table, so their sizes agree.
+//
+// Layout choices that the kernels rely on (names stay Hugging Face's):
+// - q_proj, k_proj, v_proj are adjacent, so rows [q; k; v] form one (H + 2 KVH) hd x D matrix
+//   and one GEMM projects all three.
+// - an expert's gate_proj and up_proj are adjacent (one 2F x D matrix, gate rows first), and
+//   all experts' [gate; up] blocks are contiguous (E, 2F, D), followed by all down_proj (E, D, F).
+//   The dense and shared FFNs use the same [gate; up] then down order.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "model/config.h"
+
+namespace mop {
+
+enum class ParamRole : uint8_t {
+  embedding, norm, attn_qkv, attn_out, qk_norm, router, router_bias, expert_gate_up, expert_down,
+  dense_gate_up, dense_down, shared_gate_up, shared_down, head
+};
+
+struct ParamSpec {
+  std::string name;            // Hugging Face name, e.g. model.layers.0.mlp.experts.3.down_proj.weight
+  std::vector<int64_t> shape;  // row-major
+  int64_t offset = 0;          // in elements, into the flat parameter array
+  int64_t numel = 0;
+  ParamRole role;
+  int layer = -1;              // -1 for embedding, final norm and head
+  int expert = -1;             // routed expert index, -1 otherwise
+  bool trainable = true;       // false: a buffer (the sigmoid router's balance bias)
+  bool decay = true;           // AdamW weight decay applies (off for norms, biases and embeddings)
+  float init_std = 0;          // 0: constant init_value
+  float init_value = 0;
+};
+
+struct ParamTable {
+  std::vector<ParamSpec> params;
+  int64_t total = 0;  // elements
+  const ParamSpec& find(const std::string& name) const;  // throws, suggesting the nearest name
+  const ParamSpec* try_find(const std::string& name) const;
+};
+
+// decay_embeddings: apply weight decay to the input embedding too (default off).
+ParamTable build_param_table(const ModelConfig& c, bool decay_embeddings = false);
+
+// Pointers into one flat array (parameters or their gradients share offsets) for one layer.
+template <class T> struct LayerView {
+  T* ln1 = nullptr;        // (D)
+  T* wqkv = nullptr;       // ((H + 2 KVH) hd, D)
+  T* q_norm = nullptr;     // (hd) or null
+  T* k_norm = nullptr;     // (hd) or null
+  T* wo = nullptr;         // (D, H hd)
+  T* ln2 = nullptr;        // (D)
+  T* router = nullptr;     // (E, D), MoE layers
+  T* router_bias = nullptr;// (E), sigmoid router only
+  T* w_gu = nullptr;       // (E, 2F, D) experts, or (2Fd, D) dense FFN
+  T* w_down = nullptr;     // (E, D, F) experts, or (D, Fd) dense FFN
+  T* shared_gu = nullptr;  // (2Fs, D) or null
+  T* shared_down = nullptr;// (D, Fs) or null
+};
+template <class T> struct ModelView {
+  T* embed = nullptr;       // (V, D)
+  T* final_norm = nullptr;  // (D)
+  T* head = nullptr;        // (V, D): the embedding itself when tied
+  std::vector<LayerView<T>> layers;
+};
+template <class T> ModelView<T> make_view(const ParamTable& t, const ModelConfig& c, T* base);
+
+// Seeded, layout-independent init: each parameter draws from its own stream hash(seed, name).
+template <class T> void init_params(const ParamTable& t, T* base, uint64_t seed);
+
+}  // namespace mop

@@ -1,0 +1,75 @@
+// The run configuration: a documented tree of keys (`model.hidden`, `train.lr`, ...) loaded
+// from a TOML file, then `--set key=value` overrides. Unknown keys are errors that suggest the
+// nearest valid key. `model.preset` is applied first, so explicit model keys override it.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "model/config.h"
+
+namespace mop {
+
+struct TrainConfig {
+  int64_t steps = 500;             // optimizer steps
+  uint64_t seed = 1234;            // init, data order and sampling
+  int64_t seq_len = 256;           // tokens per sequence
+  int64_t batch = 8;               // sequences per micro-batch
+  int64_t grad_accum = 1;          // micro-batches per optimizer step
+  double lr = 3e-3;                // peak learning rate
+  double min_lr_ratio = 0.1;       // final lr = lr * min_lr_ratio (cosine, linear)
+  int64_t warmup = 20;             // linear warmup steps
+  std::string schedule = "cosine"; // cosine | linear | constant
+  double weight_decay = 0.1;
+  bool decay_embeddings = false;   // weight decay on the input embedding (norms never decay)
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double clip = 1.0;               // global gradient-norm clip; 0 = off
+  std::string checkpointing = "none";  // none | full (recompute each layer in backward)
+  int64_t log_every = 10;          // progress line every N steps (metrics.jsonl gets every step)
+  int64_t eval_every = 100;        // evaluate on the held-out split every N steps; 0 = off
+  int64_t eval_batches = 4;        // micro-batches per evaluation
+  int64_t save_every = 0;          // checkpoint every N steps; 0 = only at the end
+  int64_t keep_checkpoints = 2;    // newest checkpoints kept
+  int64_t sample_tokens = 200;     // bytes generated at the end to show what the model learned; 0 = off
+  double sample_temperature = 0.7;
+  double peak_tflops = 0;          // MFU denominator; 0 = 790 on an H200, an estimate on the CPU
+  int64_t threads = 0;             // CPU threads; 0 = all cores
+};
+
+struct DataConfig {
+  std::string path;                // shard directory or file from `mop data prepare`; empty = built-in corpus
+  std::string val_path;            // held-out shards; empty = the val_* shards beside path
+  int64_t builtin_docs = 4000;     // documents generated for the built-in corpus
+};
+
+struct RunConfig {
+  std::string name;                // default: the model preset
+  std::string dir;                 // default: runs/<name>
+  double memory_limit_gib = 0;     // cap on tracked memory (tests, and to emulate a smaller device); 0 = none
+};
+
+struct Config {
+  std::string device = "auto";     // auto | cpu | cuda
+  ModelConfig model;
+  TrainConfig train;
+  DataConfig data;
+  RunConfig run;
+
+  void validate() const;          // throws with the offending values
+  std::string run_dir() const;     // resolved run directory
+  std::string to_toml() const;     // every key, resolved, with its documentation as comments
+};
+
+// key -> value text as given on the command line (`--set train.lr=1e-3`).
+using Overrides = std::vector<std::pair<std::string, std::string>>;
+Overrides parse_overrides(const std::vector<std::string>& sets);  // "a.b=c" -> (a.b, c)
+// Loads file (may be empty: defaults only), applies overrides, validates.
+Config load_config(const std::string& file, const Overrides& overrides);
+Config parse_config_text(const std::string& toml_text, const std::string& origin, const Overrides& overrides);
+std::vector<std::string> config_keys();  // every valid key, for docs and the nearest-key hint
+std::string config_reference();          // "key = default  # doc" lines
+
+}  // namespace mop

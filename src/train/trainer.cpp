@@ -1,0 +1,255 @@
+#include "train/trainer.h"
+
+#include <cblas.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include "core/strings.h"
+#include "core/timer.h"
+#include "data/tokenizer.h"
+#include "optim/schedule.h"
+#ifdef MOP_HAVE_CUDA
+#include "ops/cuda/runtime.h"
+#endif
+
+namespace fs = std::filesystem;
+
+namespace mop {
+
+int configure_threads(int64_t requested) {
+  int n = requested > 0 ? int(requested) : omp_get_num_procs();
+  omp_set_num_threads(n);
+  openblas_set_num_threads(n);
+  return n;
+}
+
+std::string resolve_device(const std::string& requested, std::string* note) {
+  int gpus = 0;
+#ifdef MOP_HAVE_CUDA
+  gpus = cuda::device_count();
+#endif
+  if (requested == "cuda")
+    MOP_FAIL("device = cuda: training on the GPU is not implemented yet ({} CUDA device(s) visible); use device = cpu",
+             gpus);
+  if (requested == "auto" && gpus > 0 && note)
+    *note = "a CUDA device is visible but GPU training is not implemented yet: training on the CPU";
+  return "cpu";
+}
+
+Trainer::Trainer(Config cfg, TrainOptions opt) : cfg_(std::move(cfg)), opt_(std::move(opt)) {
+  std::string note;
+  resolve_device(cfg_.device, &note);
+  if (!note.empty()) log("note: " + note);
+  threads_ = configure_threads(cfg_.train.threads);
+  if (cfg_.run.memory_limit_gib > 0)
+    memory_tracker(Device::cpu).set_limit(size_t(cfg_.run.memory_limit_gib * double(1ull << 30)));
+
+  table_ = build_param_table(cfg_.model, cfg_.train.decay_embeddings);
+  params_ = HostArray<float>(size_t(table_.total), Mem::params);
+  grads_ = HostArray<float>(size_t(table_.total), Mem::grads);
+  OptimizerSettings os{cfg_.train.beta1, cfg_.train.beta2, cfg_.train.eps, cfg_.train.weight_decay, cfg_.train.clip};
+  adamw_ = std::make_unique<AdamW>(table_, os);
+  state_.rng_state = hash_seed(cfg_.train.seed, "sampling");
+
+  data_ = make_run_data(cfg_);
+  if (!opt_.resume.empty()) {
+    const std::string dir = resolve_checkpoint(opt_.resume);
+    load_checkpoint(dir, table_, params_.data(), adamw_.get(), &state_);
+    data_.train->set_cursor(state_.cursor);
+    log(fmt::format("resumed from {} at step {}", dir, state_.step));
+  } else if (!opt_.init_from.empty()) {
+    const std::string dir = resolve_checkpoint(opt_.init_from);
+    load_checkpoint(dir, table_, params_.data(), nullptr, nullptr);
+    log(fmt::format("initialised weights from {}", dir));
+  } else {
+    init_params(table_, params_.data(), cfg_.train.seed);
+  }
+  model_ = std::make_unique<Decoder<float>>(cfg_.model, table_);
+  model_->bind(params_.data(), grads_.data());
+}
+
+void Trainer::log(const std::string& line) const {
+  if (opt_.quiet) return;
+  fmt::print("{}\n", line);
+  std::fflush(stdout);
+}
+
+double Trainer::evaluate() {
+  if (!data_.val) return -1;
+  data_.val->set_cursor({});
+  data::Batch b;
+  double sum = 0;
+  int64_t tokens = 0;
+  for (int64_t i = 0; i < cfg_.train.eval_batches; ++i) {
+    data_.val->next_batch(int(cfg_.train.batch), b);
+    LossStats st = model_->forward_loss(token_batch(b));
+    sum += st.ce_sum;
+    tokens += st.ce_tokens;
+  }
+  return tokens ? sum / double(tokens) : -1;
+}
+
+std::string Trainer::generate(const std::string& prompt, int n_tokens, double temperature, Rng& rng) {
+  data::ByteTokenizer tok;
+  std::vector<int32_t> ids{data::kBos};
+  for (int32_t t : tok.encode(prompt)) ids.push_back(t);
+  const int V = int(cfg_.model.vocab_size), T = int(cfg_.train.seq_len);
+  std::vector<float> logits(static_cast<size_t>(V));
+  std::vector<int32_t> pos, cu(2);
+  for (int i = 0; i < n_tokens; ++i) {
+    const int start = std::max(0, int(ids.size()) - T);
+    const int N = int(ids.size()) - start;
+    pos.resize(size_t(N));
+    for (int p = 0; p < N; ++p) pos[size_t(p)] = p;
+    cu[0] = 0, cu[1] = N;
+    TokenBatch b{N, ids.data() + start, nullptr, pos.data(), cu.data(), 1};
+    model_->logits_at(b, N - 1, logits.data());
+    int32_t next = 0;
+    // Only bytes and EOS are sensible continuations.
+    const int usable = std::min(V, int(data::kEos) + 1);
+    if (temperature <= 0) {
+      next = int32_t(std::max_element(logits.begin(), logits.begin() + usable) - logits.begin());
+    } else {
+      double mx = *std::max_element(logits.begin(), logits.begin() + usable), z = 0;
+      std::vector<double> p(static_cast<size_t>(usable));
+      for (int v = 0; v < usable; ++v) z += p[size_t(v)] = v == data::kBos ? 0 : std::exp((logits[size_t(v)] - mx) / temperature);
+      double r = rng.uniform() * z;
+      for (next = 0; next < usable - 1 && (r -= p[size_t(next)]) > 0; ++next) {
+      }
+    }
+    if (next == data::kEos) break;
+    ids.push_back(next);
+  }
+  std::vector<int32_t> out(ids.begin() + 1, ids.end());
+  return tok.decode(out);
+}
+
+void Trainer::update_router_bias(const LossStats& st) {
+  // Aux-loss-free balancing (DeepSeek-V3): nudge each expert's selection bias towards the
+  // mean load. Not a gradient step; the bias is a buffer saved with the weights.
+  if (cfg_.model.router != "sigmoid") return;
+  const int64_t E = cfg_.model.experts;
+  for (const auto& p : table_.params) {
+    if (p.role != ParamRole::router_bias) continue;
+    const int64_t* cnt = st.counts.data() + size_t(p.layer) * E;
+    double mean = 0;
+    for (int64_t e = 0; e < E; ++e) mean += double(cnt[e]);
+    mean /= double(E);
+    float* bias = params_.data() + p.offset;
+    for (int64_t e = 0; e < E; ++e) {
+      const double d = mean - double(cnt[e]);
+      bias[e] += float(cfg_.model.bias_update_rate * double((d > 0) - (d < 0)));
+    }
+  }
+}
+
+TrainResult Trainer::run() {
+  const TrainConfig& tc = cfg_.train;
+  const std::string run_dir = cfg_.run_dir();
+  fs::create_directories(run_dir);
+  {
+    std::ofstream f(fs::path(run_dir) / "config.toml");
+    f << cfg_.to_toml();
+  }
+  MetricsLog metrics;
+  metrics.open((fs::path(run_dir) / "metrics.jsonl").string(), !opt_.resume.empty());
+
+  const ModelCounts counts = model_counts(cfg_.model);
+  const double flops_per_token = model_flops_per_token(cfg_.model, tc.seq_len);
+  const double peak = peak_flops(tc.peak_tflops, false, threads_);
+  log(fmt::format("model {}: {} params ({} active matmul), {} layers, hidden {}, {} experts top-{}",
+                  cfg_.model.preset, human_count(double(counts.total)), human_count(double(counts.active_matmul)),
+                  cfg_.model.layers, cfg_.model.hidden, cfg_.model.experts, cfg_.model.top_k));
+  log(fmt::format("data {}", data_.description));
+  if (data_.unigram_entropy >= 0) log(fmt::format("unigram entropy of the training tokens: {:.4f} nats", data_.unigram_entropy));
+  log(fmt::format("device cpu ({} threads), {} steps x {} micro-batches x {} x {} tokens, run dir {}", threads_,
+                  tc.steps, tc.grad_accum, tc.batch, tc.seq_len, run_dir));
+
+  TrainResult res;
+  res.unigram_entropy = data_.unigram_entropy;
+  const Recompute rc = tc.checkpointing == "full" ? Recompute::full : Recompute::none;
+  const int64_t moe_layers = std::max<int64_t>(1, cfg_.model.moe_layers());
+  const float lb_scale = float(cfg_.model.lb_coef / double(moe_layers * tc.grad_accum));
+  std::vector<data::Batch> micro(size_t(tc.grad_accum));
+  Timer wall;
+  double train_time = 0;
+
+  while (state_.step < tc.steps) {
+    Timer step_timer;
+    const double lr = lr_at(state_.step, tc.steps, tc.warmup, tc.lr, tc.min_lr_ratio, tc.schedule);
+    std::fill(grads_.data(), grads_.data() + grads_.size(), 0.f);
+    // All micro-batches first: the loss is the mean over every target token of the step.
+    int64_t step_targets = 0;
+    for (auto& mb : micro) {
+      data_.train->next_batch(int(tc.batch), mb);
+      for (int32_t t : mb.targets) step_targets += t >= 0;
+    }
+    LossStats st;
+    const float ce_scale = 1.f / float(std::max<int64_t>(1, step_targets));
+    for (auto& mb : micro) st.add(model_->forward_backward(token_batch(mb), ce_scale, lb_scale, rc));
+    const double gnorm = adamw_->step(params_.data(), grads_.data(), lr);
+    update_router_bias(st);
+    ++state_.step;
+    state_.cursor = data_.train->cursor();
+    const int64_t step_tokens = tc.grad_accum * tc.batch * tc.seq_len;
+    state_.tokens_seen += step_tokens;
+    const double dt = step_timer.seconds();
+    train_time += dt;
+
+    StepMetrics m;
+    m.step = state_.step;
+    m.steps = tc.steps;
+    m.loss = st.ce_sum / double(std::max<int64_t>(1, st.ce_tokens));
+    m.aux_loss = st.lb_sum / double(moe_layers * tc.grad_accum);
+    m.lr = lr;
+    m.grad_norm = gnorm;
+    m.tokens_per_s = double(step_tokens) / dt;
+    m.tflops = flops_per_token * m.tokens_per_s / 1e12;
+    m.mfu = flops_per_token * m.tokens_per_s / peak;
+    m.mem_gib = double(memory_tracker(Device::cpu).peak_total()) / double(1ull << 30);
+    m.tokens = state_.tokens_seen;
+    m.elapsed_s = state_.elapsed_s + train_time;
+    m.eta_s = train_time / double(res.losses.size() + 1) * double(tc.steps - state_.step);
+    if (!std::isfinite(m.loss)) MOP_FAIL("loss is {} at step {}: training diverged", m.loss, state_.step);
+    res.losses.push_back(m.loss);
+
+    const bool last = state_.step == tc.steps;
+    if (tc.eval_every > 0 && (state_.step % tc.eval_every == 0 || last) && data_.val) {
+      m.eval_loss = evaluate();
+      res.final_eval_loss = *m.eval_loss;
+    }
+    metrics.write(m);
+    if (state_.step % tc.log_every == 0 || state_.step == 1 || last || m.eval_loss) log(progress_line(m));
+    if ((tc.save_every > 0 && state_.step % tc.save_every == 0) || last) {
+      state_.elapsed_s += train_time;
+      train_time = 0;
+      res.last_checkpoint =
+          save_run_checkpoint(run_dir, tc.keep_checkpoints, cfg_, table_, params_.data(), *adamw_, state_);
+    }
+  }
+  if (res.last_checkpoint.empty() && tc.steps > 0 && state_.step == tc.steps)
+    res.last_checkpoint = resolve_checkpoint(run_dir);
+
+  if (tc.sample_tokens > 0 && cfg_.model.vocab_size >= data::kByteVocab) {
+    Rng rng(state_.rng_state);
+    res.sample = generate("Once upon a time", int(tc.sample_tokens), tc.sample_temperature, rng);
+    log("sample: " + res.sample);
+  }
+  if (!res.losses.empty()) {
+    std::string summary = fmt::format("done: {} steps in {}, final loss {:.4f}", res.losses.size(),
+                                      human_seconds(wall.seconds()), res.losses.back());
+    if (res.final_eval_loss >= 0) summary += fmt::format(", eval loss {:.4f}", res.final_eval_loss);
+    if (data_.unigram_entropy >= 0)
+      summary += fmt::format(" (unigram entropy {:.4f} nats)", data_.unigram_entropy);
+    summary += fmt::format(", peak memory: {}", memory_tracker(Device::cpu).breakdown());
+    log(summary);
+    if (!res.last_checkpoint.empty()) log("checkpoint: " + res.last_checkpoint);
+  }
+  return res;
+}
+
+}  // namespace mop
