@@ -4,7 +4,7 @@
 Loads a model directory written by `mop export` (config.json + model.safetensors) as
 Qwen3MoeForCausalLM in float64, runs a fixed batch with labels, backpropagates the loss, and
 stores in one safetensors file:
-  input_ids        (B, T) int64, the batch (labels = input_ids, shifted inside the model)
+  input_ids        (B, T) int64, the batch; position t predicts token t + 1 of its row
   logits           (B, T, V) float64
   loss             () float64, mean cross-entropy over the B * (T - 1) predicted tokens
   grad.<name>      float64 gradient of every parameter under its checkpoint name
@@ -37,8 +37,11 @@ def main():
 
     cfg = AutoConfig.from_pretrained(args.model)
     cfg.output_router_logits = False  # loss = cross-entropy only; mop's test sets lb_coef = 0
-    model = Qwen3MoeForCausalLM.from_pretrained(args.model, config=cfg, torch_dtype=torch.float64,
-                                                attn_implementation="eager")
+    kwargs = dict(config=cfg, torch_dtype=torch.float64, attn_implementation="eager")
+    try:  # transformers 5: the default grouped_mm experts kernel has no float64
+        model = Qwen3MoeForCausalLM.from_pretrained(args.model, experts_implementation="eager", **kwargs)
+    except TypeError:
+        model = Qwen3MoeForCausalLM.from_pretrained(args.model, **kwargs)
     model.train()  # no dropout in this architecture; train() only enables grads paths
 
     # Map every checkpoint tensor to the model's parameters to prove the loaded weights are
@@ -47,30 +50,43 @@ def main():
     E = cfg.num_experts
     F = cfg.moe_intermediate_size
 
-    def split(name, t):
+    # Fused expert tensors may be (E, out, in) or (E, in, out) depending on the version, and
+    # the two can have the same shape; the layout is chosen by matching the checkpoint's values.
+    transposed = {}
+
+    def split(name, t, decide=False):
         """Model parameter -> {checkpoint name: tensor view}."""
         m = re.match(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$", name)
-        if m and t.dim() == 3:
-            base, kind = m.groups()
+        if not (m and t.dim() == 3):
+            key = name if name.endswith(".weight") or name.endswith(".bias") else name + ".weight"
+            return {key: t}
+        base, kind = m.groups()
+
+        def views(tr):
             out = {}
             for e in range(E):
+                w = t[e].T if tr else t[e]  # (out, in) as in nn.Linear
                 if kind == "gate_up_proj":
-                    # transformers 5 stores (E, 2F, D) with gate rows first ...
-                    if t.shape[1] == 2 * F:
-                        out[f"{base}.{e}.gate_proj.weight"] = t[e, :F, :]
-                        out[f"{base}.{e}.up_proj.weight"] = t[e, F:, :]
-                    else:  # ... or (E, D, 2F) in some versions
-                        out[f"{base}.{e}.gate_proj.weight"] = t[e, :, :F].T
-                        out[f"{base}.{e}.up_proj.weight"] = t[e, :, F:].T
+                    out[f"{base}.{e}.gate_proj.weight"] = w[:F]
+                    out[f"{base}.{e}.up_proj.weight"] = w[F:]
                 else:
-                    out[f"{base}.{e}.down_proj.weight"] = t[e] if t.shape[1] == cfg.hidden_size else t[e].T
+                    out[f"{base}.{e}.down_proj.weight"] = w
             return out
-        key = name if name.endswith(".weight") or name.endswith(".bias") else name + ".weight"
-        return {key: t}
+
+        if decide:
+            for tr in (False, True):
+                v = views(tr)
+                if all(k in ours and tuple(x.shape) == tuple(ours[k].shape) and
+                       torch.equal(x, ours[k].to(torch.float64)) for k, x in v.items()):
+                    transposed[name] = tr
+                    break
+            else:
+                sys.exit(f"{name} {tuple(t.shape)}: matches the checkpoint in neither layout")
+        return views(transposed[name])
 
     seen = set()
     for name, p in model.named_parameters():
-        for ck, view in split(name, p.detach()).items():
+        for ck, view in split(name, p.detach(), decide=True).items():
             if ck not in ours:
                 sys.exit(f"model parameter {name} -> {ck} is not in the checkpoint")
             diff = (view - ours[ck].to(torch.float64)).abs().max().item()
@@ -83,18 +99,22 @@ def main():
 
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, 256, (args.batch, args.seq), generator=g)
-    out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
+    # The loss is computed here rather than with labels=: transformers casts logits to float32
+    # inside its loss, which would leave the gradients with float32 precision.
+    out = model(input_ids=ids)
+    V = out.logits.shape[-1]
+    loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
+    loss.backward()
 
     tensors = {"input_ids": ids.contiguous(), "logits": out.logits.detach().contiguous(),
-               "loss": out.loss.detach().reshape(())}
+               "loss": loss.detach().reshape(())}
     for name, p in model.named_parameters():
         for ck, view in split(name, p.grad).items():
             tensors["grad." + ck] = view.contiguous().clone()
     meta = {"transformers": transformers.__version__, "torch": torch.__version__,
             "note": "float64 forward/backward of Qwen3MoeForCausalLM, eager attention"}
     save_file(tensors, args.out, metadata=meta)
-    print(f"wrote {args.out}: loss {out.loss.item():.10f}, {len(tensors)} tensors, "
+    print(f"wrote {args.out}: loss {loss.item():.10f}, {len(tensors)} tensors, "
           f"transformers {transformers.__version__}, torch {torch.__version__}")
 
 
