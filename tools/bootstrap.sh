@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(g++ cmake make pkg-config libcli11-dev libtomlplusplus-dev nlohmann-json3-dev libfmt-dev
+packages=(g++ cmake make libcli11-dev libtomlplusplus-dev nlohmann-json3-dev libfmt-dev
           libopenblas-dev libgloo-dev libgtest-dev libgmock-dev libbenchmark-dev libomp-dev)
 missing=()
 for p in "${packages[@]}"; do
