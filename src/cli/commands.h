@@ -1,6 +1,7 @@
 // `mop` subcommands. Each returns the process exit code; errors are thrown as mop::Error and
 // printed once by main.
 #pragma once
+#include <cstdint>
 #include <string>
 #include <vector>
 

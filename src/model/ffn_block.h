@@ -2,6 +2,7 @@
 // dense_layers layers) or the MoE: router -> top-k -> dropless permutation by expert -> SwiGLU
 // experts (grouped GEMMs) -> weighted combine, plus the shared experts.
 #pragma once
+#include <cstdint>
 #include <vector>
 
 #include "core/alloc.h"

@@ -1,5 +1,6 @@
 // What a run reports: one JSON object per optimizer step in metrics.jsonl, and a progress line.
 #pragma once
+#include <cstdint>
 #include <cstdio>
 #include <optional>
 #include <string>

@@ -1,6 +1,7 @@
 // The training loop on the CPU backend: micro-batches -> forward/backward -> global-norm clip ->
 // AdamW, with metrics, evaluation, checkpoints and resume.
 #pragma once
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
