@@ -20,6 +20,9 @@ fi
 # nvcc is not always on PATH even when the toolkit is installed.
 if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then export PATH=/usr/local/cuda/bin:$PATH; fi
 
+# The CUDA backend's header-only libraries come from PyPI (only needed when nvcc exists).
+if command -v nvcc >/dev/null; then bash tools/fetch_headers.sh || echo "bootstrap: no cuDNN frontend/CUTLASS headers; CUDA backend off"; fi
+
 jobs=$(nproc)
 if [ ! -f build/CMakeCache.txt ]; then
   cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
