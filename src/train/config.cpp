@@ -130,7 +130,7 @@ const std::vector<Field>& fields() {
       F("train.sample_tokens", train.sample_tokens, "bytes generated at the end of the run; 0 = off"),
       F("train.sample_temperature", train.sample_temperature, "sampling temperature; 0 = greedy"),
       F("train.peak_tflops", train.peak_tflops, "MFU denominator in TFLOP/s; 0 = 790 on an H200, an estimate on the CPU"),
-      F("train.threads", train.threads, "CPU threads; 0 = all cores"),
+      F("train.threads", train.threads, "CPU threads; 0 = all cores up to 8"),
       F("data.path", data.path, "token shards from `mop data prepare` (directory or file); empty = built-in corpus"),
       F("data.val_path", data.val_path, "held-out shards; empty = the val_* shards beside data.path"),
       F("data.builtin_docs", data.builtin_docs, "documents generated for the built-in corpus"),
