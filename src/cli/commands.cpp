@@ -2,7 +2,9 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 
 #include "checkpoint/checkpoint.h"
 #include "checkpoint/hf.h"
@@ -55,6 +57,44 @@ int eval(const EvalArgs& a) {
     left -= uint64_t(rows);
   }
   fmt::print("eval_loss={:.6f} tokens={}\n", tokens ? sum / double(tokens) : 0.0, tokens);
+  return 0;
+}
+
+int bench(const BenchArgs& a) {
+  MOP_CHECK(a.steps > a.warmup && a.warmup >= 0, "--steps ({}) must exceed --warmup ({})", a.steps, a.warmup);
+  std::vector<std::string> sets = a.sets;
+  for (const char* s : {"data.synthetic=true", "train.eval_every=0", "train.sample_tokens=0"}) sets.emplace_back(s);
+  sets.push_back(fmt::format("train.steps={}", a.steps));
+  Config cfg = load_config(a.config, parse_overrides(sets));
+  Trainer t(cfg, TrainOptions{"", "", true, true});
+  TrainResult r = t.run();
+  std::vector<double> times(r.step_seconds.begin() + a.warmup, r.step_seconds.end());
+  std::sort(times.begin(), times.end());
+  const double median = times[times.size() / 2];
+  const double tps = double(r.tokens_per_step) / median;
+  const Device dev = r.device == "cuda" ? Device::cuda : Device::cpu;
+  const MemoryTracker& mt = memory_tracker(dev);
+  nlohmann::json j;
+  j["impl"] = "mop";
+  j["preset"] = cfg.model.preset;
+  j["layers"] = cfg.model.layers;
+  j["device"] = r.device;
+  j["seq"] = cfg.train.seq_len;
+  j["batch"] = cfg.train.batch;
+  j["grad_accum"] = cfg.train.grad_accum;
+  j["steps_timed"] = times.size();
+  j["step_s_median"] = median;
+  j["tokens_per_s"] = tps;
+  j["tflops"] = r.flops_per_token * tps / 1e12;
+  j["mfu"] = r.flops_per_token * tps / r.peak_flops;
+  j["peak_gib"] = double(mt.peak_total()) / double(1ull << 30);
+  nlohmann::json cats;
+  for (int i = 0; i < kMemCategories; ++i)
+    if (mt.peak(Mem(i))) cats[mem_name(Mem(i))] = double(mt.peak(Mem(i))) / double(1ull << 30);
+  j["peak_gib_by_category"] = cats;
+  j["loss_first"] = r.losses.front();
+  j["loss_last"] = r.losses.back();
+  fmt::print("{}\n", j.dump());
   return 0;
 }
 

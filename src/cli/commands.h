@@ -22,6 +22,15 @@ struct EvalArgs {
 };
 int eval(const EvalArgs& a);
 
+struct BenchArgs {
+  std::string config;
+  std::vector<std::string> sets;
+  int64_t steps = 20;
+  int64_t warmup = 5;
+};
+// Trains on synthetic tokens and prints one JSON line: tokens/s, TFLOP/s, MFU, peak memory by category.
+int bench(const BenchArgs& a);
+
 int export_hf(const std::string& checkpoint, const std::string& out);
 int import_hf(const std::string& hf_dir, const std::string& out, const std::vector<std::string>& sets);
 

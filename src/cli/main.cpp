@@ -1,4 +1,4 @@
-// mop: train | eval | export | import | data prepare | config
+// mop: train | eval | bench | export | import | data prepare | config
 // The set of flags is small and frozen by tests/e2e/test_cli.cpp; everything else is a config key
 // (`--set key=value`).
 #include <CLI/CLI.hpp>
@@ -25,6 +25,13 @@ int main(int argc, char** argv) {
   eval->add_option("--data", ea.data, "token shard, shard directory or text file")->required();
   eval->add_option("--set", ea.sets, "override a config key (e.g. train.seq_len, train.batch)");
   eval->add_option("--max-batches", ea.max_batches, "stop after this many batches (0 = all)");
+
+  mop::cli::BenchArgs ba;
+  auto* bench = app.add_subcommand("bench", "train on synthetic tokens; print one JSON line (tokens/s, MFU, memory)");
+  bench->add_option("--config", ba.config, "TOML config file");
+  bench->add_option("--set", ba.sets, "override a config key, e.g. --set model.preset=moe-1b");
+  bench->add_option("--steps", ba.steps, "optimizer steps (default 20)");
+  bench->add_option("--warmup", ba.warmup, "untimed first steps (default 5)");
 
   std::string ex_ckpt, ex_out;
   auto* exp = app.add_subcommand("export", "write a Hugging Face directory (config.json + model.safetensors)");
@@ -58,6 +65,7 @@ int main(int argc, char** argv) {
   try {
     if (*train) return mop::cli::train(ta);
     if (*eval) return mop::cli::eval(ea);
+    if (*bench) return mop::cli::bench(ba);
     if (*exp) return mop::cli::export_hf(ex_ckpt, ex_out);
     if (*imp) return mop::cli::import_hf(im_in, im_out, im_sets);
     if (*prep) return mop::cli::data_prepare(pa);

@@ -89,53 +89,21 @@ ParamTable build_param_table(const ModelConfig& c, bool decay_embeddings) {
   return t;
 }
 
-template <class T> ModelView<T> make_view(const ParamTable& t, const ModelConfig& c, T* base) {
-  ModelView<T> v;
-  v.layers.resize(size_t(c.layers));
-  for (const auto& p : t.params) {
-    T* ptr = base + p.offset;
-    if (p.layer < 0) {
-      if (p.role == ParamRole::embedding) v.embed = ptr;
-      else if (p.role == ParamRole::norm) v.final_norm = ptr;
-      else if (p.role == ParamRole::head) v.head = ptr;
-      continue;
-    }
-    LayerView<T>& L = v.layers[size_t(p.layer)];
-    auto first = [&](T*& slot) {
-      if (!slot) slot = ptr;  // the first of an adjacent group starts the fused matrix
-    };
-    switch (p.role) {
-      case ParamRole::norm: (L.ln1 ? L.ln2 : L.ln1) = ptr; break;
-      case ParamRole::attn_qkv: first(L.wqkv); break;
-      case ParamRole::attn_out: L.wo = ptr; break;
-      case ParamRole::qk_norm: (L.q_norm ? L.k_norm : L.q_norm) = ptr; break;
-      case ParamRole::router: L.router = ptr; break;
-      case ParamRole::router_bias: L.router_bias = ptr; break;
-      case ParamRole::expert_gate_up: case ParamRole::dense_gate_up: first(L.w_gu); break;
-      case ParamRole::expert_down: case ParamRole::dense_down: first(L.w_down); break;
-      case ParamRole::shared_gate_up: first(L.shared_gu); break;
-      case ParamRole::shared_down: L.shared_down = ptr; break;
-      default: MOP_ASSERT(false);
-    }
-  }
-  if (c.tie_embeddings) v.head = v.embed;
-  return v;
-}
-
 template <class T> void init_params(const ParamTable& t, T* base, uint64_t seed) {
-  for (const auto& p : t.params) {
+  // Each tensor has its own random stream, so tensors can be filled in parallel with the same result.
+#pragma omp parallel for schedule(dynamic, 1)
+  for (size_t i = 0; i < t.params.size(); ++i) {
+    const ParamSpec& p = t.params[i];
     T* w = base + p.offset;
     if (p.init_std == 0) {
-      for (int64_t i = 0; i < p.numel; ++i) w[i] = T(p.init_value);
+      for (int64_t j = 0; j < p.numel; ++j) w[j] = T(p.init_value);
       continue;
     }
     Rng rng(hash_seed(seed, p.name));
-    for (int64_t i = 0; i < p.numel; ++i) w[i] = T(double(p.init_std) * rng.normal());
+    for (int64_t j = 0; j < p.numel; ++j) w[j] = T(double(p.init_std) * rng.normal());
   }
 }
 
-template ModelView<float> make_view(const ParamTable&, const ModelConfig&, float*);
-template ModelView<double> make_view(const ParamTable&, const ModelConfig&, double*);
 template void init_params(const ParamTable&, float*, uint64_t);
 template void init_params(const ParamTable&, double*, uint64_t);
 

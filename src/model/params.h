@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "core/error.h"
 #include "model/config.h"
 
 namespace mop {
@@ -67,7 +68,40 @@ template <class T> struct ModelView {
   T* head = nullptr;        // (V, D): the embedding itself when tied
   std::vector<LayerView<T>> layers;
 };
-template <class T> ModelView<T> make_view(const ParamTable& t, const ModelConfig& c, T* base);
+// Defined here (not in params.cpp) so any element type works: float, double, bf16.
+template <class T> ModelView<T> make_view(const ParamTable& t, const ModelConfig& c, T* base) {
+  ModelView<T> v;
+  v.layers.resize(size_t(c.layers));
+  for (const auto& p : t.params) {
+    T* ptr = base + p.offset;
+    if (p.layer < 0) {
+      if (p.role == ParamRole::embedding) v.embed = ptr;
+      else if (p.role == ParamRole::norm) v.final_norm = ptr;
+      else if (p.role == ParamRole::head) v.head = ptr;
+      continue;
+    }
+    LayerView<T>& L = v.layers[size_t(p.layer)];
+    auto first = [&](T*& slot) {
+      if (!slot) slot = ptr;  // the first of an adjacent group starts the fused matrix
+    };
+    switch (p.role) {
+      case ParamRole::norm: (L.ln1 ? L.ln2 : L.ln1) = ptr; break;
+      case ParamRole::attn_qkv: first(L.wqkv); break;
+      case ParamRole::attn_out: L.wo = ptr; break;
+      case ParamRole::qk_norm: (L.q_norm ? L.k_norm : L.q_norm) = ptr; break;
+      case ParamRole::router: L.router = ptr; break;
+      case ParamRole::router_bias: L.router_bias = ptr; break;
+      case ParamRole::expert_gate_up: case ParamRole::dense_gate_up: first(L.w_gu); break;
+      case ParamRole::expert_down: case ParamRole::dense_down: first(L.w_down); break;
+      case ParamRole::shared_gate_up: first(L.shared_gu); break;
+      case ParamRole::shared_down: L.shared_down = ptr; break;
+      default: MOP_ASSERT(false);
+    }
+  }
+  if (c.tie_embeddings) v.head = v.embed;
+  return v;
+}
+
 
 // Seeded, layout-independent init: each parameter draws from its own stream hash(seed, name).
 template <class T> void init_params(const ParamTable& t, T* base, uint64_t seed);

@@ -36,6 +36,7 @@ struct TrainConfig {
   int64_t sample_tokens = 200;     // bytes generated at the end to show what the model learned; 0 = off
   double sample_temperature = 0.7;
   double peak_tflops = 0;          // MFU denominator; 0 = 790 on an H200, an estimate on the CPU
+  bool deterministic = false;      // GPU: bit-identical runs (cuDNN's deterministic attention backward, ~15% slower)
   int64_t threads = 0;             // CPU threads; 0 = all cores up to 8
 };
 
@@ -43,6 +44,7 @@ struct DataConfig {
   std::string path;                // shard directory or file from `mop data prepare`; empty = built-in corpus
   std::string val_path;            // held-out shards; empty = the val_* shards beside path
   int64_t builtin_docs = 4000;     // documents generated for the built-in corpus
+  bool synthetic = false;          // uniformly random tokens (benchmarks): no corpus, no held-out split
 };
 
 struct RunConfig {

@@ -4,6 +4,7 @@
 #include <fstream>
 
 #include "core/error.h"
+#include "core/rng.h"
 #include "core/strings.h"
 #include "data/corpus.h"
 #include "data/prepare.h"
@@ -62,6 +63,18 @@ RunData make_run_data(const Config& cfg) {
   RunData d;
   const int vocab = int(cfg.model.vocab_size), T = int(cfg.train.seq_len);
   const uint64_t seed = cfg.train.seed;
+  if (cfg.data.synthetic) {
+    // Enough windows for every step without wrapping, from the run's seed.
+    const uint64_t n = uint64_t(cfg.train.seq_len) * uint64_t(cfg.train.batch) * uint64_t(cfg.train.grad_accum) *
+                           uint64_t(cfg.train.steps + 1) + 1;
+    Rng rng(hash_seed(seed, "synthetic"));
+    std::vector<int32_t> tokens(n);
+    for (auto& t : tokens) t = int32_t(rng.below(uint64_t(vocab)));
+    d.description = fmt::format("synthetic: {} uniformly random tokens", human_count(double(n)));
+    d.train = std::make_unique<data::Loader>(data::TokenStream::from_tokens(std::move(tokens), vocab), T, seed,
+                                             /*bos=*/-1);
+    return d;
+  }
   if (cfg.data.path.empty()) {
     auto docs = data::builtin_corpus(int(cfg.data.builtin_docs), kBuiltinCorpusSeed);
     // The last 5% of the documents are held out.

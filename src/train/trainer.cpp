@@ -13,6 +13,11 @@
 #include "data/tokenizer.h"
 #include "optim/schedule.h"
 #ifdef MOP_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "model/cuda/gpu_decoder.h"
+#include "ops/cuda/attention.h"
+#include "ops/cuda/check.cuh"
 #include "ops/cuda/runtime.h"
 #endif
 
@@ -34,17 +39,20 @@ std::string resolve_device(const std::string& requested, std::string* note) {
 #ifdef MOP_HAVE_CUDA
   gpus = cuda::device_count();
 #endif
-  if (requested == "cuda")
-    MOP_FAIL("device = cuda: training on the GPU is not implemented yet ({} CUDA device(s) visible); use device = cpu",
-             gpus);
-  if (requested == "auto" && gpus > 0 && note)
-    *note = "a CUDA device is visible but GPU training is not implemented yet: training on the CPU";
+  if (requested == "cuda") {
+#ifndef MOP_HAVE_CUDA
+    MOP_FAIL("device = cuda: this build has no CUDA backend (nvcc, cuDNN or the fetched headers were missing)");
+#endif
+    MOP_CHECK(gpus > 0, "device = cuda but no CUDA device is visible");
+    return "cuda";
+  }
+  if (requested == "auto" && gpus > 0) return "cuda";
   return "cpu";
 }
 
 Trainer::Trainer(Config cfg, TrainOptions opt) : cfg_(std::move(cfg)), opt_(std::move(opt)) {
   std::string note;
-  resolve_device(cfg_.device, &note);
+  const std::string device = resolve_device(cfg_.device, &note);
   if (!note.empty()) log("note: " + note);
   threads_ = configure_threads(cfg_.train.threads);
   if (cfg_.run.memory_limit_gib > 0)
@@ -72,6 +80,53 @@ Trainer::Trainer(Config cfg, TrainOptions opt) : cfg_(std::move(cfg)), opt_(std:
   }
   model_ = std::make_unique<Decoder<float>>(cfg_.model, table_);
   model_->bind(params_.data(), grads_.data());
+#ifdef MOP_HAVE_CUDA
+  if (device == "cuda") {
+    MOP_CHECK(cfg_.train.checkpointing == "none",
+              "train.checkpointing = '{}' is not implemented on the GPU yet (use none, or device = cpu)",
+              cfg_.train.checkpointing);
+    cuda::AttentionOptions ao = cuda::attention_options();
+    ao.deterministic_backward = cfg_.train.deterministic;
+    cuda::set_attention_options(ao);
+    gpu_ = std::make_unique<GpuDecoder>(cfg_.model, table_);
+    gpu_->upload_params(params_.data());
+    const size_t bytes = size_t(table_.total) * 4;
+    MOP_CUDA_CHECK(cudaMemcpy(gpu_->moment1(), adamw_->m(), bytes, cudaMemcpyHostToDevice));
+    MOP_CUDA_CHECK(cudaMemcpy(gpu_->moment2(), adamw_->v(), bytes, cudaMemcpyHostToDevice));
+  }
+#else
+  (void)device;
+#endif
+}
+
+Trainer::~Trainer() = default;
+
+void Trainer::sync_from_gpu() {
+#ifdef MOP_HAVE_CUDA
+  if (!gpu_) return;
+  gpu_->download_params(params_.data());
+  const size_t bytes = size_t(table_.total) * 4;
+  MOP_CUDA_CHECK(cudaMemcpy(adamw_->m(), gpu_->moment1(), bytes, cudaMemcpyDeviceToHost));
+  MOP_CUDA_CHECK(cudaMemcpy(adamw_->v(), gpu_->moment2(), bytes, cudaMemcpyDeviceToHost));
+#endif
+}
+
+LossStats Trainer::micro_step(const data::Batch& mb, float ce_scale, float lb_scale, Recompute rc) {
+#ifdef MOP_HAVE_CUDA
+  if (gpu_) return gpu_->forward_backward(token_batch(mb), ce_scale, lb_scale);
+#endif
+  return model_->forward_backward(token_batch(mb), ce_scale, lb_scale, rc);
+}
+
+double Trainer::optimizer_step(double lr) {
+#ifdef MOP_HAVE_CUDA
+  if (gpu_) {
+    const TrainConfig& t = cfg_.train;
+    adamw_->set_steps_taken(adamw_->steps_taken() + 1);
+    return gpu_->optimizer_step(lr, t.beta1, t.beta2, t.eps, t.weight_decay, t.clip, adamw_->steps_taken());
+  }
+#endif
+  return adamw_->step(params_.data(), grads_.data(), lr);
 }
 
 void Trainer::log(const std::string& line) const {
@@ -88,7 +143,11 @@ double Trainer::evaluate() {
   int64_t tokens = 0;
   for (int64_t i = 0; i < cfg_.train.eval_batches; ++i) {
     data_.val->next_batch(int(cfg_.train.batch), b);
+#ifdef MOP_HAVE_CUDA
+    LossStats st = gpu_ ? gpu_->forward_loss(token_batch(b)) : model_->forward_loss(token_batch(b));
+#else
     LossStats st = model_->forward_loss(token_batch(b));
+#endif
     sum += st.ce_sum;
     tokens += st.ce_tokens;
   }
@@ -134,6 +193,7 @@ void Trainer::update_router_bias(const LossStats& st) {
   // Aux-loss-free balancing (DeepSeek-V3): nudge each expert's selection bias towards the
   // mean load. Not a gradient step; the bias is a buffer saved with the weights.
   if (cfg_.model.router != "sigmoid") return;
+  sync_from_gpu();
   const int64_t E = cfg_.model.experts;
   for (const auto& p : table_.params) {
     if (p.role != ParamRole::router_bias) continue;
@@ -147,32 +207,43 @@ void Trainer::update_router_bias(const LossStats& st) {
       bias[e] += float(cfg_.model.bias_update_rate * double((d > 0) - (d < 0)));
     }
   }
+#ifdef MOP_HAVE_CUDA
+  if (gpu_) gpu_->upload_params(params_.data());
+#endif
 }
 
 TrainResult Trainer::run() {
   const TrainConfig& tc = cfg_.train;
   const std::string run_dir = cfg_.run_dir();
-  fs::create_directories(run_dir);
-  {
+  MetricsLog metrics;
+  if (!opt_.bench) {
+    fs::create_directories(run_dir);
     std::ofstream f(fs::path(run_dir) / "config.toml");
     f << cfg_.to_toml();
+    metrics.open((fs::path(run_dir) / "metrics.jsonl").string(), !opt_.resume.empty());
   }
-  MetricsLog metrics;
-  metrics.open((fs::path(run_dir) / "metrics.jsonl").string(), !opt_.resume.empty());
 
   const ModelCounts counts = model_counts(cfg_.model);
   const double flops_per_token = model_flops_per_token(cfg_.model, tc.seq_len);
-  const double peak = peak_flops(tc.peak_tflops, false, threads_);
+  const double peak = peak_flops(tc.peak_tflops, gpu_ != nullptr, threads_);
+  const Device mem_dev = gpu_ ? Device::cuda : Device::cpu;
   log(fmt::format("model {}: {} params ({} active matmul), {} layers, hidden {}, {} experts top-{}",
                   cfg_.model.preset, human_count(double(counts.total)), human_count(double(counts.active_matmul)),
                   cfg_.model.layers, cfg_.model.hidden, cfg_.model.experts, cfg_.model.top_k));
   log(fmt::format("data {}", data_.description));
   if (data_.unigram_entropy >= 0) log(fmt::format("unigram entropy of the training tokens: {:.4f} nats", data_.unigram_entropy));
-  log(fmt::format("device cpu ({} threads), {} steps x {} micro-batches x {} x {} tokens, run dir {}", threads_,
-                  tc.steps, tc.grad_accum, tc.batch, tc.seq_len, run_dir));
+  std::string dev = fmt::format("cpu ({} threads)", threads_);
+#ifdef MOP_HAVE_CUDA
+  if (gpu_) dev = fmt::format("cuda: {}", cuda::device_description());
+#endif
+  log(fmt::format("device {}, {} steps x {} micro-batches x {} x {} tokens, run dir {}", dev, tc.steps, tc.grad_accum,
+                  tc.batch, tc.seq_len, run_dir));
 
   TrainResult res;
   res.unigram_entropy = data_.unigram_entropy;
+  res.flops_per_token = flops_per_token;
+  res.peak_flops = peak;
+  res.device = gpu_ ? "cuda" : "cpu";
   const Recompute rc = tc.checkpointing == "full" ? Recompute::full : Recompute::none;
   const int64_t moe_layers = std::max<int64_t>(1, cfg_.model.moe_layers());
   const float lb_scale = float(cfg_.model.lb_coef / double(moe_layers * tc.grad_accum));
@@ -184,6 +255,9 @@ TrainResult Trainer::run() {
     Timer step_timer;
     const double lr = lr_at(state_.step, tc.steps, tc.warmup, tc.lr, tc.min_lr_ratio, tc.schedule);
     std::fill(grads_.data(), grads_.data() + grads_.size(), 0.f);
+#ifdef MOP_HAVE_CUDA
+    if (gpu_) gpu_->zero_grads();
+#endif
     // All micro-batches first: the loss is the mean over every target token of the step.
     int64_t step_targets = 0;
     for (auto& mb : micro) {
@@ -192,14 +266,19 @@ TrainResult Trainer::run() {
     }
     LossStats st;
     const float ce_scale = 1.f / float(std::max<int64_t>(1, step_targets));
-    for (auto& mb : micro) st.add(model_->forward_backward(token_batch(mb), ce_scale, lb_scale, rc));
-    const double gnorm = adamw_->step(params_.data(), grads_.data(), lr);
+    for (auto& mb : micro) st.add(micro_step(mb, ce_scale, lb_scale, rc));
+    const double gnorm = optimizer_step(lr);
     update_router_bias(st);
     ++state_.step;
     state_.cursor = data_.train->cursor();
     const int64_t step_tokens = tc.grad_accum * tc.batch * tc.seq_len;
     state_.tokens_seen += step_tokens;
+#ifdef MOP_HAVE_CUDA
+    if (gpu_) MOP_CUDA_CHECK(cudaStreamSynchronize(gpu_->stream()));  // the step's time includes its GPU work
+#endif
     const double dt = step_timer.seconds();
+    res.step_seconds.push_back(dt);
+    res.tokens_per_step = step_tokens;
     train_time += dt;
 
     StepMetrics m;
@@ -212,7 +291,7 @@ TrainResult Trainer::run() {
     m.tokens_per_s = double(step_tokens) / dt;
     m.tflops = flops_per_token * m.tokens_per_s / 1e12;
     m.mfu = flops_per_token * m.tokens_per_s / peak;
-    m.mem_gib = double(memory_tracker(Device::cpu).peak_total()) / double(1ull << 30);
+    m.mem_gib = double(memory_tracker(mem_dev).peak_total()) / double(1ull << 30);
     m.tokens = state_.tokens_seen;
     m.elapsed_s = state_.elapsed_s + train_time;
     m.eta_s = train_time / double(res.losses.size() + 1) * double(tc.steps - state_.step);
@@ -226,17 +305,19 @@ TrainResult Trainer::run() {
     }
     metrics.write(m);
     if (state_.step % tc.log_every == 0 || state_.step == 1 || last || m.eval_loss) log(progress_line(m));
-    if ((tc.save_every > 0 && state_.step % tc.save_every == 0) || last) {
+    if (!opt_.bench && ((tc.save_every > 0 && state_.step % tc.save_every == 0) || last)) {
       state_.elapsed_s += train_time;
       train_time = 0;
+      sync_from_gpu();
       res.last_checkpoint =
           save_run_checkpoint(run_dir, tc.keep_checkpoints, cfg_, table_, params_.data(), *adamw_, state_);
     }
   }
-  if (res.last_checkpoint.empty() && tc.steps > 0 && state_.step == tc.steps)
+  if (!opt_.bench && res.last_checkpoint.empty() && tc.steps > 0 && state_.step == tc.steps)
     res.last_checkpoint = resolve_checkpoint(run_dir);
 
-  if (tc.sample_tokens > 0 && cfg_.model.vocab_size >= data::kByteVocab) {
+  sync_from_gpu();  // sampling runs on the CPU model over the final weights
+  if (!opt_.bench && tc.sample_tokens > 0 && cfg_.model.vocab_size >= data::kByteVocab) {
     Rng rng(state_.rng_state);
     res.sample = generate("Once upon a time", int(tc.sample_tokens), tc.sample_temperature, rng);
     log("sample: " + res.sample);
@@ -247,7 +328,7 @@ TrainResult Trainer::run() {
     if (res.final_eval_loss >= 0) summary += fmt::format(", eval loss {:.4f}", res.final_eval_loss);
     if (data_.unigram_entropy >= 0)
       summary += fmt::format(" (unigram entropy {:.4f} nats)", data_.unigram_entropy);
-    summary += fmt::format(", peak memory: {}", memory_tracker(Device::cpu).breakdown());
+    summary += fmt::format(", peak {} memory: {}", device_name(mem_dev), memory_tracker(mem_dev).breakdown());
     log(summary);
     if (!res.last_checkpoint.empty()) log("checkpoint: " + res.last_checkpoint);
   }

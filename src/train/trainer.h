@@ -17,10 +17,13 @@
 
 namespace mop {
 
+class GpuDecoder;  // model/cuda/gpu_decoder.h: only with the CUDA backend
+
 struct TrainOptions {
   std::string resume;            // run or checkpoint directory to continue from
   std::string init_from;         // checkpoint whose weights initialise the model (fresh optimizer)
   bool quiet = false;            // no progress lines (tests)
+  bool bench = false;            // benchmark: no checkpoints, no sample, no config/metrics files
 };
 
 struct TrainResult {
@@ -29,12 +32,19 @@ struct TrainResult {
   double unigram_entropy = -1;
   std::string last_checkpoint;
   std::string sample;
+  std::vector<double> step_seconds;  // wall time of each optimizer step
+  int64_t tokens_per_step = 0;
+  double flops_per_token = 0;        // DESIGN.md's model FLOPs
+  double peak_flops = 0;             // MFU denominator
+  std::string device;                // cpu | cuda
 };
 
 class Trainer {
  public:
   Trainer(Config cfg, TrainOptions opt);
+  ~Trainer();
   TrainResult run();
+  bool on_gpu() const { return gpu_ != nullptr; }
   const Config& config() const { return cfg_; }
 
  private:
@@ -42,6 +52,11 @@ class Trainer {
   double evaluate();
   std::string generate(const std::string& prompt, int n_tokens, double temperature, Rng& rng);
   void update_router_bias(const LossStats& st);
+  // GPU runs keep the weights and moments on the device; the host copies are refreshed before
+  // checkpoints, sampling and at the end.
+  void sync_from_gpu();
+  LossStats micro_step(const data::Batch& mb, float ce_scale, float lb_scale, Recompute rc);
+  double optimizer_step(double lr);
 
   Config cfg_;
   TrainOptions opt_;
@@ -49,6 +64,7 @@ class Trainer {
   HostArray<float> params_, grads_;
   std::unique_ptr<AdamW> adamw_;
   std::unique_ptr<Decoder<float>> model_;
+  std::unique_ptr<GpuDecoder> gpu_;
   RunData data_;
   TrainState state_;
   int threads_ = 1;

@@ -1,0 +1,34 @@
+// Expert GEMMs over an expert-sorted buffer, same math as ops/cpu/grouped_matmul.h: rows
+// [offsets[e], offsets[e+1]) belong to expert e and y[rows_e] = x[rows_e] @ w_EOI[e]^T.
+// Weights (E, O, I) bf16; activations bf16; fp32 accumulation; dw accumulated in fp32.
+//
+// Offsets are passed twice, with the same E + 1 values: on the device (read by kernels) and on the
+// host (group sizes for the library calls, which take them from host memory; the caller copies the
+// offsets to the host once per MoE layer). No host synchronisation inside. Deterministic.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace mop::cuda {
+
+// Process-wide backend choice:
+//  "cublas" (default): cublasGemmGroupedBatchedEx for y and dx; one cublasGemmEx per non-empty
+//    expert for dw (grouped cuBLAS has no bf16-in / fp32-out mode, and dw must accumulate in fp32).
+//  "cutlass": CUTLASS 3 Hopper persistent grouped GEMMs (one kernel per product, dw included) when
+//    I and O are multiples of 8 (TMA alignment); other sizes fall back to the cuBLAS path.
+// Throws mop::Error for an unknown name.
+void set_grouped_gemm_backend(const char* name);
+const char* grouped_gemm_backend();
+
+void grouped_matmul_forward(__nv_bfloat16* y_MO, const __nv_bfloat16* x_MI, const __nv_bfloat16* w_EOI,
+                            const int32_t* offsets_E1_device, const int32_t* offsets_E1_host, int E, int I, int O,
+                            cudaStream_t stream);
+// dx written in bf16 (skipped when null); dw_EOI += per-expert dy^T @ x in fp32 (skipped when null;
+// experts with no rows are left unchanged).
+void grouped_matmul_backward(__nv_bfloat16* dx_MI, float* dw_EOI, const __nv_bfloat16* dy_MO,
+                             const __nv_bfloat16* x_MI, const __nv_bfloat16* w_EOI, const int32_t* offsets_E1_device,
+                             const int32_t* offsets_E1_host, int E, int I, int O, cudaStream_t stream);
+
+}  // namespace mop::cuda

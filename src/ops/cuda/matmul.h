@@ -1,0 +1,21 @@
+// Dense GEMMs of the linear layers through cuBLASLt. Same math as ops/cpu/matmul.h: weights in
+// PyTorch Linear layout (out x in), y = x @ w^T; bf16 storage, fp32 accumulation.
+// Row-major throughout; no host synchronisation. Deterministic (see blas.h).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+namespace mop::cuda {
+
+// y_NO = x_NI @ w_OI^T, bf16 out. N may be 0 (nothing to do); I, O > 0.
+void matmul_forward(__nv_bfloat16* y_NO, const __nv_bfloat16* x_NI, const __nv_bfloat16* w_OI, int N, int I, int O,
+                    cudaStream_t stream);
+// Same, fp32 out (router logits).
+void matmul_forward_f32out(float* y_NO, const __nv_bfloat16* x_NI, const __nv_bfloat16* w_OI, int N, int I, int O,
+                           cudaStream_t stream);
+// dx_NI = dy_NO @ w_OI written in bf16 (skipped when dx is null);
+// dw_OI += dy_NO^T @ x_NI accumulated in fp32 (skipped when dw is null; unchanged when N == 0).
+void matmul_backward(__nv_bfloat16* dx_NI, float* dw_OI, const __nv_bfloat16* dy_NO, const __nv_bfloat16* x_NI,
+                     const __nv_bfloat16* w_OI, int N, int I, int O, cudaStream_t stream);
+
+}  // namespace mop::cuda
