@@ -60,7 +60,8 @@ Trainer::Trainer(Config cfg, TrainOptions opt) : cfg_(std::move(cfg)), opt_(std:
 
   table_ = build_param_table(cfg_.model, cfg_.train.decay_embeddings);
   params_ = HostArray<float>(size_t(table_.total), Mem::params);
-  grads_ = HostArray<float>(size_t(table_.total), Mem::grads);
+  // Host gradients only for the CPU model; a GPU run keeps its gradients on the device.
+  if (device == "cpu") grads_ = HostArray<float>(size_t(table_.total), Mem::grads);
   OptimizerSettings os{cfg_.train.beta1, cfg_.train.beta2, cfg_.train.eps, cfg_.train.weight_decay, cfg_.train.clip};
   adamw_ = std::make_unique<AdamW>(table_, os);
   state_.rng_state = hash_seed(cfg_.train.seed, "sampling");
@@ -79,7 +80,7 @@ Trainer::Trainer(Config cfg, TrainOptions opt) : cfg_(std::move(cfg)), opt_(std:
     init_params(table_, params_.data(), cfg_.train.seed);
   }
   model_ = std::make_unique<Decoder<float>>(cfg_.model, table_);
-  model_->bind(params_.data(), grads_.data());
+  model_->bind(params_.data(), grads_.empty() ? nullptr : grads_.data());
 #ifdef MOP_HAVE_CUDA
   if (device == "cuda") {
     MOP_CHECK(cfg_.train.checkpointing == "none",
