@@ -25,6 +25,28 @@ namespace fs = std::filesystem;
 
 namespace mop {
 
+namespace {
+// A byte-level model can emit any bytes: keep valid UTF-8 and newlines, escape the rest as \xNN
+// so the sample never garbles a terminal or a log.
+std::string printable(const std::string& s) {
+  std::string out;
+  for (size_t i = 0; i < s.size();) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    size_t len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xe ? 3 : (c >> 3) == 0x1e ? 4 : 0;
+    bool ok = len > 0 && i + len <= s.size() && (c >= 0x20 || c == '\n') && c != 0x7f;
+    for (size_t k = 1; ok && k < len; ++k) ok = (static_cast<unsigned char>(s[i + k]) >> 6) == 0x2;
+    if (ok) {
+      out.append(s, i, len);
+      i += len;
+    } else {
+      out += fmt::format("\\x{:02x}", c);
+      i += 1;
+    }
+  }
+  return out;
+}
+}  // namespace
+
 int configure_threads(int64_t requested) {
   // Default: all cores up to 8. The reference's GEMMs are small and OpenMP's spinning threads
   // contend with OpenBLAS's own pool: 16 threads ran the tiny preset 3x slower than 2.
@@ -323,7 +345,7 @@ TrainResult Trainer::run() {
   if (!opt_.bench && tc.sample_tokens > 0 && cfg_.model.vocab_size >= data::kByteVocab) {
     Rng rng(state_.rng_state);
     res.sample = generate("Once upon a time", int(tc.sample_tokens), tc.sample_temperature, rng);
-    log("sample: " + res.sample);
+    log("sample: " + printable(res.sample));
   }
   if (!res.losses.empty()) {
     std::string summary = fmt::format("done: {} steps in {}, final loss {:.4f}", res.losses.size(),
