@@ -3,6 +3,8 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <chrono>
+#include <thread>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
@@ -10,6 +12,7 @@
 #include "checkpoint/hf.h"
 #include "data/prepare.h"
 #include "model/decoder.h"
+#include "parallel/launch.h"
 #include "train/data_setup.h"
 #include "train/trainer.h"
 
@@ -95,6 +98,32 @@ int bench(const BenchArgs& a) {
   j["loss_first"] = r.losses.front();
   j["loss_last"] = r.losses.back();
   fmt::print("{}\n", j.dump());
+  return 0;
+}
+
+int launch(int nproc, const std::vector<std::string>& args) {
+  MOP_CHECK(!args.empty(), "mop launch needs a subcommand after --, e.g. mop launch --nproc 2 -- train");
+  LaunchOptions o;
+  o.nproc = nproc;
+  o.program = fs::read_symlink("/proc/self/exe").string();
+  o.args = args;
+  return launch_local(o, [](const std::string& m) { fmt::print(stderr, "launch: {}\n", m); });
+}
+
+int rank_info(int fail_on_rank) {
+  const RankInfo r = detect_rank();
+  nlohmann::json j;
+  j["rank"] = r.rank;
+  j["world"] = r.world;
+  j["local_rank"] = r.local_rank;
+  j["launcher"] = r.launcher;
+  j["master_addr"] = r.master_addr;
+  j["master_port"] = r.master_port;
+  fmt::print("{}\n", j.dump());
+  std::fflush(stdout);
+  if (fail_on_rank < 0) return 0;
+  if (r.rank == fail_on_rank) return 1;
+  std::this_thread::sleep_for(std::chrono::seconds(60));
   return 0;
 }
 

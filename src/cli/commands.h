@@ -31,6 +31,12 @@ struct BenchArgs {
 // Trains on synthetic tokens and prints one JSON line: tokens/s, TFLOP/s, MFU, peak memory by category.
 int bench(const BenchArgs& a);
 
+// mop launch --nproc N -- <subcommand ...>: N local ranks; the first failure stops the others.
+int launch(int nproc, const std::vector<std::string>& args);
+// Diagnostic: prints what this rank learned from its launcher, as one JSON line. With
+// fail_on_rank >= 0 that rank exits with code 1 and the others wait up to 60 s (launcher tests).
+int rank_info(int fail_on_rank);
+
 int export_hf(const std::string& checkpoint, const std::string& out);
 int import_hf(const std::string& hf_dir, const std::string& out, const std::vector<std::string>& sets);
 

@@ -1,4 +1,4 @@
-// mop: train | eval | bench | export | import | data prepare | config
+// mop: train | eval | bench | launch | export | import | data prepare | config
 // The set of flags is small and frozen by tests/e2e/test_cli.cpp; everything else is a config key
 // (`--set key=value`).
 #include <CLI/CLI.hpp>
@@ -33,6 +33,22 @@ int main(int argc, char** argv) {
   bench->add_option("--steps", ba.steps, "optimizer steps (default 20)");
   bench->add_option("--warmup", ba.warmup, "untimed first steps (default 5)");
 
+  int nproc = 1;
+  auto* launch = app.add_subcommand("launch", "start N local ranks: mop launch --nproc N -- <subcommand ...>");
+  launch->add_option("--nproc", nproc, "ranks to start on this node")->required();
+  // Everything after "--" belongs to the ranks; it is split off before CLI11 sees the line.
+  std::vector<std::string> rank_args;
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) != "--") continue;
+    rank_args.assign(argv + i + 1, argv + argc);
+    argc = i;
+    break;
+  }
+
+  int fail_on_rank = -1;
+  auto* rinfo = app.add_subcommand("rank-info", "print the rank, world size and rendezvous this process sees");
+  rinfo->add_option("--fail-on-rank", fail_on_rank, "(tests) this rank exits 1, the others wait");
+
   std::string ex_ckpt, ex_out;
   auto* exp = app.add_subcommand("export", "write a Hugging Face directory (config.json + model.safetensors)");
   exp->add_option("--checkpoint", ex_ckpt, "run or checkpoint directory")->required();
@@ -66,6 +82,8 @@ int main(int argc, char** argv) {
     if (*train) return mop::cli::train(ta);
     if (*eval) return mop::cli::eval(ea);
     if (*bench) return mop::cli::bench(ba);
+    if (*launch) return mop::cli::launch(nproc, rank_args);
+    if (*rinfo) return mop::cli::rank_info(fail_on_rank);
     if (*exp) return mop::cli::export_hf(ex_ckpt, ex_out);
     if (*imp) return mop::cli::import_hf(im_in, im_out, im_sets);
     if (*prep) return mop::cli::data_prepare(pa);
