@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "ops/cuda/bf16_vec.cuh"
 #include "ops/cuda/check.cuh"
 
 namespace mop::cuda {
@@ -24,31 +25,6 @@ static __device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
   if (m == -INFINITY) return {-INFINITY, 0.f};
   // Symmetric in a and b, so the butterfly leaves the same bits on every lane.
   return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
-}
-
-template <int W> static __device__ __forceinline__ void load_f32(const bf16* p, float* f) {
-  if constexpr (W == 8) {
-    const uint4 u = *reinterpret_cast<const uint4*>(p);
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 t = __bfloat1622float2(h[i]);
-      f[2 * i] = t.x, f[2 * i + 1] = t.y;
-    }
-  } else {
-    f[0] = __bfloat162float(*p);
-  }
-}
-template <int W> static __device__ __forceinline__ void store_bf16(bf16* p, const float* f) {
-  if constexpr (W == 8) {
-    uint4 u;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-    *reinterpret_cast<uint4*>(p) = u;
-  } else {
-    p[0] = __float2bfloat16_rn(f[0]);
-  }
 }
 
 // One block per row; thread t handles elements [c, c + W) for c = t*W, t*W + kThreads*W, ...

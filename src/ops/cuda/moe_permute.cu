@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "ops/cuda/bf16_vec.cuh"
 #include "ops/cuda/check.cuh"
 
 namespace mop::cuda {
@@ -85,30 +86,6 @@ static __global__ void layout_offsets_kernel(int32_t* offsets_E1, const uint32_t
 
 // W = 8: one 16-byte vector of bf16 per step (D % 8 == 0, aligned); W = 1: scalar fallback.
 template <int W> using Raw = std::conditional_t<W == 8, uint4, unsigned short>;
-template <int W> static __device__ __forceinline__ void load_f32(const bf16* p, float* f) {
-  if constexpr (W == 8) {
-    const uint4 u = *reinterpret_cast<const uint4*>(p);
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 t = __bfloat1622float2(h[i]);
-      f[2 * i] = t.x, f[2 * i + 1] = t.y;
-    }
-  } else {
-    f[0] = __bfloat162float(*p);
-  }
-}
-template <int W> static __device__ __forceinline__ void store_bf16(bf16* p, const float* f) {
-  if constexpr (W == 8) {
-    uint4 u;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-    *reinterpret_cast<uint4*>(p) = u;
-  } else {
-    p[0] = __float2bfloat16_rn(f[0]);
-  }
-}
 
 // One warp per token: lane L handles elements [c, c + W) for c = L*W, L*W + 32*W, ...
 // Rows outside [0, N*K) are skipped (a corrupt layout must not write out of bounds).
