@@ -30,6 +30,58 @@ void write_text(const std::string& path, const std::string& text) {
 }
 }  // namespace
 
+nlohmann::json train_state_json(const TrainState& st, int64_t optimizer_steps) {
+  nlohmann::json j;
+  j["format_version"] = kFormatVersion;
+  j["step"] = st.step;
+  j["optimizer_steps"] = optimizer_steps;
+  j["rng_state"] = std::to_string(st.rng_state);  // as a string: JSON numbers lose 64-bit precision
+  j["data_cursor"] = st.cursor;
+  j["tokens_seen"] = st.tokens_seen;
+  j["elapsed_s"] = st.elapsed_s;
+  return j;
+}
+
+nlohmann::json read_train_state(const std::string& state_path, TrainState* st, int64_t* optimizer_steps) {
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(read_text(state_path));
+  } catch (const nlohmann::json::exception& e) {
+    MOP_FAIL("{}: not valid JSON: {}", state_path, e.what());
+  }
+  MOP_CHECK(j.value("format_version", 0) == kFormatVersion, "{}: format_version {} (this build reads {})",
+            state_path, j.value("format_version", 0), kFormatVersion);
+  MOP_CHECK(j.contains("step"), "{}: no training state (a weights-only checkpoint cannot be resumed)", state_path);
+  try {
+    if (st) {
+      st->step = j.at("step").get<int64_t>();
+      st->rng_state = std::stoull(j.at("rng_state").get<std::string>());
+      st->cursor = j.at("data_cursor").get<data::Cursor>();
+      st->tokens_seen = j.value("tokens_seen", int64_t(0));
+      st->elapsed_s = j.value("elapsed_s", 0.0);
+    }
+    if (optimizer_steps) *optimizer_steps = j.value("optimizer_steps", int64_t(0));
+  } catch (const nlohmann::json::exception& e) {
+    MOP_FAIL("{}: bad training state: {}", state_path, e.what());
+  }
+  return j;
+}
+
+std::vector<std::string> prune_run_checkpoints(const std::string& root, int64_t keep, const std::string& newest) {
+  std::vector<std::string> all, removed;
+  for (const auto& e : fs::directory_iterator(root))
+    if (e.is_directory() && e.path().filename().string().rfind("step_", 0) == 0 &&
+        e.path().filename().string().find('.') == std::string::npos)
+      all.push_back(e.path().filename().string());
+  std::sort(all.begin(), all.end());
+  for (size_t i = 0; i + size_t(keep) < all.size(); ++i)
+    if (all[i] != newest) {
+      fs::remove_all(fs::path(root) / all[i]);
+      removed.push_back(all[i]);
+    }
+  return removed;
+}
+
 void save_checkpoint(const std::string& dir, const Config& cfg, const ParamTable& t, const float* params,
                      const AdamW* opt, const TrainState* st) {
   ckpt::AtomicDir out(dir);
@@ -48,17 +100,9 @@ void save_checkpoint(const std::string& dir, const Config& cfg, const ParamTable
     }
     w.write(out.path("optimizer.safetensors"));
   }
-  nlohmann::json j;
+  nlohmann::json j = st ? train_state_json(*st, opt ? opt->steps_taken() : 0) : nlohmann::json::object();
   j["format_version"] = kFormatVersion;
   j["params_total"] = t.total;
-  if (st) {
-    j["step"] = st->step;
-    j["optimizer_steps"] = opt ? opt->steps_taken() : 0;
-    j["rng_state"] = std::to_string(st->rng_state);  // as a string: JSON numbers lose 64-bit precision
-    j["data_cursor"] = st->cursor;
-    j["tokens_seen"] = st->tokens_seen;
-    j["elapsed_s"] = st->elapsed_s;
-  }
   write_text(out.path("state.json"), j.dump(2) + "\n");
   write_text(out.path("config.toml"), cfg.to_toml());
   out.commit();
@@ -71,15 +115,19 @@ bool checkpoint_has_state(const std::string& dir) {
 std::string resolve_checkpoint(const std::string& path) {
   fs::path p(path);
   MOP_CHECK(fs::is_directory(p), "checkpoint path '{}' is not a directory", path);
-  if (fs::exists(p / "model.safetensors")) return p.string();
+  auto is_checkpoint = [](const fs::path& d) {
+    return fs::exists(d / "model.safetensors") || fs::exists(d / kShardIndex);
+  };
+  if (is_checkpoint(p)) return p.string();
   fs::path latest = p / "checkpoints" / "latest";
-  MOP_CHECK(fs::exists(latest), "'{}' is neither a checkpoint (no model.safetensors) nor a run directory (no {})",
-            path, latest.string());
+  MOP_CHECK(fs::exists(latest),
+            "'{}' is neither a checkpoint (no model.safetensors or {}) nor a run directory (no {})", path, kShardIndex,
+            latest.string());
   std::string name = read_text(latest.string());
   while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
   fs::path ck = p / "checkpoints" / name;
-  MOP_CHECK(fs::exists(ck / "model.safetensors"), "{} names '{}', which has no model.safetensors", latest.string(),
-            name);
+  MOP_CHECK(is_checkpoint(ck), "{} names '{}', which has no model.safetensors or {}", latest.string(), name,
+            kShardIndex);
   return ck.string();
 }
 
@@ -93,24 +141,10 @@ void load_checkpoint(const std::string& dir, const ParamTable& t, float* params,
   if (!opt && !st) return;
 
   const std::string state_path = (fs::path(dir) / "state.json").string();
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(read_text(state_path));
-  } catch (const nlohmann::json::exception& e) {
-    MOP_FAIL("{}: not valid JSON: {}", state_path, e.what());
-  }
-  MOP_CHECK(j.value("format_version", 0) == kFormatVersion, "{}: format_version {} (this build reads {})",
-            state_path, j.value("format_version", 0), kFormatVersion);
-  MOP_CHECK(j.contains("step"), "{}: no training state (a weights-only checkpoint cannot be resumed)", state_path);
+  int64_t opt_steps = 0;
+  const nlohmann::json j = read_train_state(state_path, st, &opt_steps);
   MOP_CHECK(j.value("params_total", int64_t(-1)) == t.total, "{}: checkpoint holds {} parameters, the model has {}",
             state_path, j.value("params_total", int64_t(-1)), t.total);
-  if (st) {
-    st->step = j.at("step").get<int64_t>();
-    st->rng_state = std::stoull(j.at("rng_state").get<std::string>());
-    st->cursor = j.at("data_cursor").get<data::Cursor>();
-    st->tokens_seen = j.value("tokens_seen", int64_t(0));
-    st->elapsed_s = j.value("elapsed_s", 0.0);
-  }
   if (opt) {
     ckpt::SafetensorsFile o((fs::path(dir) / "optimizer.safetensors").string());
     for (const auto& p : t.params) {
@@ -118,7 +152,7 @@ void load_checkpoint(const std::string& dir, const ParamTable& t, float* params,
       o.read_into("exp_avg." + p.name, DType::f32, p.shape, opt->m() + p.offset);
       o.read_into("exp_avg_sq." + p.name, DType::f32, p.shape, opt->v() + p.offset);
     }
-    opt->set_steps_taken(j.value("optimizer_steps", int64_t(0)));
+    opt->set_steps_taken(opt_steps);
   }
 }
 
@@ -129,14 +163,7 @@ std::string save_run_checkpoint(const std::string& run_dir, int64_t keep, const 
   std::string name = fmt::format("step_{:07}", st.step);
   save_checkpoint((root / name).string(), cfg, t, params, &opt, &st);
   ckpt::write_text_file_atomic((root / "latest").string(), name + "\n");
-  std::vector<std::string> all;
-  for (const auto& e : fs::directory_iterator(root))
-    if (e.is_directory() && e.path().filename().string().rfind("step_", 0) == 0 &&
-        e.path().filename().string().find('.') == std::string::npos)
-      all.push_back(e.path().filename().string());
-  std::sort(all.begin(), all.end());
-  for (size_t i = 0; i + size_t(keep) < all.size(); ++i)
-    if (all[i] != name) fs::remove_all(root / all[i]);
+  prune_run_checkpoints(root.string(), keep, name);
   return (root / name).string();
 }
 

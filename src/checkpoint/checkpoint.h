@@ -8,7 +8,9 @@
 // checkpoints/latest.
 #pragma once
 #include <cstdint>
+#include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 #include "data/loader.h"
 #include "model/params.h"
@@ -24,6 +26,17 @@ struct TrainState {
   int64_t tokens_seen = 0;
   double elapsed_s = 0;       // training time before this checkpoint (for the ETA)
 };
+
+// A sharded run's checkpoint (parallel/sharded_checkpoint.h) names its shards in this file instead
+// of having a model.safetensors.
+inline constexpr const char* kShardIndex = "shards.json";
+
+// state.json's training-state fields (format_version included), and their reader: checks the
+// version and that the state is there; errors name the file.
+nlohmann::json train_state_json(const TrainState& st, int64_t optimizer_steps);
+nlohmann::json read_train_state(const std::string& state_path, TrainState* st, int64_t* optimizer_steps);
+// Removes all but the newest `keep` step_* directories under root (never `newest`).
+std::vector<std::string> prune_run_checkpoints(const std::string& root, int64_t keep, const std::string& newest);
 
 // Writes dir atomically. opt and st may be null (weights-only checkpoint, e.g. from import).
 void save_checkpoint(const std::string& dir, const Config& cfg, const ParamTable& t, const float* params,

@@ -101,6 +101,8 @@ int bench(const BenchArgs& a) {
   return 0;
 }
 
+int bench_ops(const bench::OpsBenchOptions& o) { return bench::run_ops_bench(o); }
+
 int launch(int nproc, const std::vector<std::string>& args) {
   MOP_CHECK(!args.empty(), "mop launch needs a subcommand after --, e.g. mop launch --nproc 2 -- train");
   LaunchOptions o;

@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "bench/ops_bench.h"
+
 namespace mop::cli {
 
 struct TrainArgs {
@@ -30,6 +32,9 @@ struct BenchArgs {
 };
 // Trains on synthetic tokens and prints one JSON line: tokens/s, TFLOP/s, MFU, peak memory by category.
 int bench(const BenchArgs& a);
+// mop bench ops: every CUDA kernel timed on a preset's shapes (bench/ops_bench.h); exits 2 with a
+// clear message without the CUDA backend or a GPU.
+int bench_ops(const bench::OpsBenchOptions& o);
 
 // mop launch --nproc N -- <subcommand ...>: N local ranks; the first failure stops the others.
 int launch(int nproc, const std::vector<std::string>& args);

@@ -1,4 +1,4 @@
-// mop: train | eval | bench | launch | export | import | data prepare | config
+// mop: train | eval | bench [ops] | launch | export | import | data prepare | config
 // The set of flags is small and frozen by tests/e2e/test_cli.cpp; everything else is a config key
 // (`--set key=value`).
 #include <CLI/CLI.hpp>
@@ -32,6 +32,14 @@ int main(int argc, char** argv) {
   bench->add_option("--set", ba.sets, "override a config key, e.g. --set model.preset=moe-1b");
   bench->add_option("--steps", ba.steps, "optimizer steps (default 20)");
   bench->add_option("--warmup", ba.warmup, "untimed first steps (default 5)");
+  mop::bench::OpsBenchOptions oa;
+  auto* bench_ops = bench->add_subcommand("ops",
+                                          "time every CUDA kernel on a preset's shapes against the ceilings "
+                                          "measured in the same run (needs a GPU)");
+  bench_ops->add_option("--preset", oa.preset, "model preset whose shapes are timed (default moe-1b)");
+  bench_ops->add_option("--seq", oa.seq, "tokens per sequence (default 4096)");
+  bench_ops->add_option("--batch", oa.batch, "sequences (default: 4 for moe-1b, 2 otherwise)");
+  bench_ops->add_option("--json", oa.json, "also write one JSON object per kernel, one per line, to this file");
 
   int nproc = 1;
   auto* launch = app.add_subcommand("launch", "start N local ranks: mop launch --nproc N -- <subcommand ...>");
@@ -81,6 +89,7 @@ int main(int argc, char** argv) {
   try {
     if (*train) return mop::cli::train(ta);
     if (*eval) return mop::cli::eval(ea);
+    if (*bench_ops) return mop::cli::bench_ops(oa);
     if (*bench) return mop::cli::bench(ba);
     if (*launch) return mop::cli::launch(nproc, rank_args);
     if (*rinfo) return mop::cli::rank_info(fail_on_rank);

@@ -170,22 +170,27 @@ uint64_t Loader::next_window() {
   return order_[cur_.index++];
 }
 
-void Loader::next_batch(int rows, Batch& b) {
+void Loader::next_batch(int rows, Batch& b) { next_batch(rows, b, 0, rows); }
+
+void Loader::next_batch(int rows, Batch& b, int first, int count) {
   MOP_CHECK(rows >= 1, "loader: rows must be >= 1, got {}", rows);
+  MOP_CHECK(first >= 0 && count >= 1 && first + count <= rows, "loader: rows [{}, {}) are not inside a batch of {}",
+            first, first + count, rows);
   const size_t T = size_t(seq_len_);
-  const size_t N = size_t(rows) * T;
+  const size_t N = size_t(count) * T;
   MOP_CHECK(N <= size_t(INT32_MAX), "loader: batch of {} x {} tokens overflows int32 offsets",
-            rows, T);
-  b.rows = rows;
+            count, T);
+  b.rows = count;
   b.seq_len = seq_len_;
   b.inputs.resize(N);
   b.targets.resize(N);
   b.positions.resize(N);
   b.cu_seqlens.clear();
-  for (size_t r = 0; r < size_t(rows); ++r) {
-    const uint64_t w = next_window();
+  for (int r = 0; r < rows; ++r) {
+    const uint64_t w = next_window();  // every rank walks the whole batch: the cursor stays global
+    if (r < first || r >= first + count) continue;
     stream_.read(w * T, T + 1, window_.data());
-    const size_t base = r * T;
+    const size_t base = size_t(r - first) * T;
     std::copy_n(window_.begin(), T, b.inputs.begin() + ptrdiff_t(base));
     std::copy_n(window_.begin() + 1, T, b.targets.begin() + ptrdiff_t(base));
     // A row starts a document even mid-document: the model cannot see the previous row,

@@ -77,6 +77,9 @@ class Loader {
   // Fills b with the next rows windows, moving into the next epoch when this one runs out
   // (a batch may straddle two epochs). b's vectors are reused to avoid reallocation.
   void next_batch(int rows, Batch& b);
+  // The same batch's rows [first, first + count) only: a data-parallel rank's part of a global
+  // batch. The cursor advances by all rows, so every rank stays at the same position.
+  void next_batch(int rows, Batch& b, int first, int count);
 
   Cursor cursor() const { return cur_; }
   // Resume: the batches after set_cursor(c) equal those after the cursor() that gave c.

@@ -5,6 +5,7 @@
 // gradients are bit-identical to the run without recomputation.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "model/attention_block.h"
@@ -15,6 +16,36 @@
 namespace mop {
 
 enum class Recompute { none, full };
+
+// Where the decoder's weights and gradient slots live while it runs. The plain source (bind) is
+// one flat array of each; a ZeRO-3 source gathers a layer's weights just before the layer runs,
+// frees them after, and reduces the layer's gradients as soon as its backward is complete. The
+// decoder calls acquire/release in program order, the same on every rank, so a source may run
+// collectives inside them.
+template <class T> class ParamSource {
+ public:
+  virtual ~ParamSource() = default;
+  // Embedding, final norm and head (and their gradient slots when backward) stay valid until
+  // release_outer.
+  virtual void acquire_outer(bool backward, ModelView<T>& w, ModelView<T>& g) = 0;
+  virtual void release_outer(bool backward) = 0;
+  virtual void acquire_layer(int l, bool backward, LayerView<T>& w, LayerView<T>& g) = 0;
+  // backward: layer l's gradients of this micro-batch are complete.
+  virtual void release_layer(int l, bool backward) = 0;
+};
+
+// One flat array of parameters and one of gradients (grads may be null), laid out by the table.
+template <class T> class FlatParams final : public ParamSource<T> {
+ public:
+  FlatParams(const ParamTable& t, const ModelConfig& c, const T* params, T* grads);
+  void acquire_outer(bool, ModelView<T>& w, ModelView<T>& g) override;
+  void release_outer(bool) override {}
+  void acquire_layer(int l, bool, LayerView<T>& w, LayerView<T>& g) override;
+  void release_layer(int, bool) override {}
+
+ private:
+  ModelView<T> w_, g_;
+};
 
 struct LossStats {
   double ce_sum = 0;             // sum of token cross-entropies (nats)
@@ -30,6 +61,10 @@ template <class T> class Decoder {
   // Parameters and gradients are flat arrays laid out by the ParamTable; grads may be null
   // for inference.
   void bind(const T* params, T* grads);
+  // Or any other source (sharded runs); it must outlive its use.
+  void bind(ParamSource<T>* source);
+  // Multi-rank MoE layers: expert-parallel dispatch and global load-balancing statistics.
+  void set_moe_comm(const MoeComm& comm) { comm_ = comm; }
 
   // Forward and backward of one micro-batch; gradients accumulate into grads for the objective
   //   ce_scale * sum_tokens CE + lb_scale * sum_moe_layers LB.
@@ -54,7 +89,10 @@ template <class T> class Decoder {
 
   ModelConfig c_;
   const ParamTable& table_;
-  ModelView<T> w_, g_;
+  std::unique_ptr<FlatParams<T>> flat_;
+  ParamSource<T>* src_ = nullptr;
+  ModelView<T> w_, g_;  // filled by the source between acquire and release
+  MoeComm comm_;
 };
 
 }  // namespace mop

@@ -43,11 +43,34 @@ void swiglu_mlp_backward(T* dx_ND, const T* dout_ND, const HostArray<T>& gu, con
   cpu::matmul_backward(dx_ND, g_gu, dgu.data(), x_ND, w_gu, N, D, 2 * F);
 }
 
+// Load-balancing loss over the whole micro-batch when its tokens are spread over dp ranks: the
+// expert counts and the probability sums are summed over the ranks (one small all-reduce), so the
+// loss and its gradient are those of the single-rank run. Returns the (global) loss.
+template <class T>
+double global_lb_loss(FfnSaved<T>& s, ProcessGroup& dp, int N, int E, int K) {
+  cpu::moe_lb_loss_forward(s.counts.data(), s.probs.data(), s.idx.data(), N, E, K);  // local counts
+  std::vector<double> v(size_t(2 * E + 1), 0.0);  // (probability sums, counts, tokens)
+  for (int n = 0; n < N; ++n)
+    for (int e = 0; e < E; ++e) v[size_t(e)] += double(s.probs[size_t(n) * E + e]);
+  for (int e = 0; e < E; ++e) v[size_t(E + e)] = double(s.counts[size_t(e)]);
+  v[size_t(2 * E)] = double(N);
+  dp.all_reduce_sum(v.data(), v.size());
+  s.lb_tokens = int64_t(v[size_t(2 * E)]);
+  for (int e = 0; e < E; ++e) s.counts[size_t(e)] = int32_t(v[size_t(E + e)]);
+  if (s.lb_tokens == 0 || K == 0) return 0.0;
+  const double Nt = double(s.lb_tokens);
+  double loss = 0;
+  for (int e = 0; e < E; ++e) loss += v[size_t(E + e)] / (Nt * K) * (v[size_t(e)] / Nt);
+  return E * loss;
+}
+
+bool expert_parallel(const MoeComm& comm) { return comm.ep && comm.ep->size() > 1; }
+
 }  // namespace
 
 template <class T>
 void ffn_block_forward(T* y, FfnSaved<T>& s, const T* x2, const LayerView<T>& w, const ModelConfig& c, int layer,
-                       int N) {
+                       int N, const MoeComm& comm) {
   const int D = int(c.hidden);
   s.h2 = HostArray<T>(size_t(N) * D);
   s.rstd2 = HostArray<T>(size_t(N));
@@ -69,19 +92,40 @@ void ffn_block_forward(T* y, FfnSaved<T>& s, const T* x2, const LayerView<T>& w,
   s.idx = HostArray<int32_t>(size_t(N) * K);
   cpu::router_forward(s.probs.data(), s.idx.data(), s.w.data(), logits.data(), w.router_bias, rc, N);
   s.counts.assign(size_t(E), 0);
-  s.lb_loss = N > 0 ? double(cpu::moe_lb_loss_forward(s.counts.data(), s.probs.data(), s.idx.data(), N, E, K)) : 0.0;
+  s.lb_tokens = N;
+  if (comm.dp && comm.dp->size() > 1)
+    s.lb_loss = global_lb_loss(s, *comm.dp, N, E, K);
+  else
+    s.lb_loss = N > 0 ? double(cpu::moe_lb_loss_forward(s.counts.data(), s.probs.data(), s.idx.data(), N, E, K)) : 0.0;
 
   s.row = HostArray<int32_t>(size_t(M));
   s.offsets.assign(size_t(E) + 1, 0);
   cpu::moe_route_layout(s.row.data(), s.offsets.data(), s.idx.data(), N, E, K);
   s.xp = HostArray<T>(size_t(M) * D);
-  s.gu = HostArray<T>(size_t(M) * 2 * F);
-  s.a = HostArray<T>(size_t(M) * F);
   s.yp = HostArray<T>(size_t(M) * D);
   cpu::moe_permute(s.xp.data(), s.h2.data(), s.row.data(), N, K, D);
-  cpu::grouped_matmul_forward(s.gu.data(), s.xp.data(), w.w_gu, s.offsets.data(), E, D, 2 * F);
-  cpu::swiglu_forward(s.a.data(), s.gu.data(), M, F);
-  cpu::grouped_matmul_forward(s.yp.data(), s.a.data(), w.w_down, s.offsets.data(), E, F, D);
+  if (!expert_parallel(comm)) {
+    s.gu = HostArray<T>(size_t(M) * 2 * F);
+    s.a = HostArray<T>(size_t(M) * F);
+    cpu::grouped_matmul_forward(s.gu.data(), s.xp.data(), w.w_gu, s.offsets.data(), E, D, 2 * F);
+    cpu::swiglu_forward(s.a.data(), s.gu.data(), M, F);
+    cpu::grouped_matmul_forward(s.yp.data(), s.a.data(), w.w_down, s.offsets.data(), E, F, D);
+  } else {
+    // Send the rows to the ranks owning their experts, run the local experts, bring the rows back.
+    auto plan = std::make_shared<ExpertPlan>(plan_expert_exchange(*comm.ep, s.offsets.data(), E));
+    const int El = plan->local_experts;
+    const size_t R = size_t(plan->rows_in());
+    s.xl = HostArray<T>(R * D);
+    s.gu = HostArray<T>(R * 2 * F);
+    s.a = HostArray<T>(R * F);
+    HostArray<T> yl(R * D, Mem::workspace);
+    expert_dispatch(*comm.ep, *plan, s.xp.data(), s.xl.data(), D);
+    cpu::grouped_matmul_forward(s.gu.data(), s.xl.data(), w.w_gu, plan->local_offsets.data(), El, D, 2 * F);
+    cpu::swiglu_forward(s.a.data(), s.gu.data(), int(R), F);
+    cpu::grouped_matmul_forward(yl.data(), s.a.data(), w.w_down, plan->local_offsets.data(), El, F, D);
+    expert_return(*comm.ep, *plan, yl.data(), s.yp.data(), D);
+    s.plan = std::move(plan);
+  }
   cpu::moe_combine(y, s.yp.data(), s.w.data(), s.row.data(), N, K, D);
 
   if (c.shared_experts > 0) {
@@ -94,7 +138,8 @@ void ffn_block_forward(T* y, FfnSaved<T>& s, const T* x2, const LayerView<T>& w,
 
 template <class T>
 void ffn_block_backward(T* dx2, const T* dy, const FfnSaved<T>& s, const T* x2, const LayerView<T>& w,
-                        const LayerView<T>& g, const ModelConfig& c, int layer, int N, T lb_scale) {
+                        const LayerView<T>& g, const ModelConfig& c, int layer, int N, T lb_scale,
+                        const MoeComm& comm) {
   const int D = int(c.hidden);
   const size_t ND = size_t(N) * D;
   HostArray<T> dh2(ND, Mem::workspace);
@@ -106,16 +151,43 @@ void ffn_block_backward(T* dx2, const T* dy, const FfnSaved<T>& s, const T* x2, 
     const int E = int(c.experts), K = int(c.top_k), F = int(c.expert_ffn), M = N * K;
     HostArray<T> dyp(size_t(M) * D, Mem::workspace), dw(size_t(N) * K, Mem::workspace);
     cpu::moe_combine_backward(dyp.data(), dw.data(), dy, s.yp.data(), s.w.data(), s.row.data(), N, K, D);
-    HostArray<T> da(size_t(M) * F, Mem::workspace), dgu(size_t(M) * 2 * F, Mem::workspace);
-    cpu::grouped_matmul_backward(da.data(), g.w_down, dyp.data(), s.a.data(), w.w_down, s.offsets.data(), E, F, D);
-    cpu::swiglu_backward(dgu.data(), da.data(), s.gu.data(), M, F);
     HostArray<T> dxp(size_t(M) * D, Mem::workspace);
-    cpu::grouped_matmul_backward(dxp.data(), g.w_gu, dgu.data(), s.xp.data(), w.w_gu, s.offsets.data(), E, D, 2 * F);
+    if (!s.plan) {
+      HostArray<T> da(size_t(M) * F, Mem::workspace), dgu(size_t(M) * 2 * F, Mem::workspace);
+      cpu::grouped_matmul_backward(da.data(), g.w_down, dyp.data(), s.a.data(), w.w_down, s.offsets.data(), E, F, D);
+      cpu::swiglu_backward(dgu.data(), da.data(), s.gu.data(), M, F);
+      cpu::grouped_matmul_backward(dxp.data(), g.w_gu, dgu.data(), s.xp.data(), w.w_gu, s.offsets.data(), E, D, 2 * F);
+    } else {
+      // The mirror of the forward exchange: output gradients travel to the experts, input
+      // gradients travel back.
+      MOP_CHECK(expert_parallel(comm), "ffn backward: forward ran expert-parallel, backward has no EP group");
+      const ExpertPlan& p = *s.plan;
+      const int El = p.local_experts;
+      const size_t R = size_t(p.rows_in());
+      HostArray<T> dyl(R * D, Mem::workspace), da(R * F, Mem::workspace), dgu(R * 2 * F, Mem::workspace),
+          dxl(R * D, Mem::workspace);
+      expert_dispatch(*comm.ep, p, dyp.data(), dyl.data(), D);
+      cpu::grouped_matmul_backward(da.data(), g.w_down, dyl.data(), s.a.data(), w.w_down, p.local_offsets.data(), El,
+                                   F, D);
+      cpu::swiglu_backward(dgu.data(), da.data(), s.gu.data(), int(R), F);
+      cpu::grouped_matmul_backward(dxl.data(), g.w_gu, dgu.data(), s.xl.data(), w.w_gu, p.local_offsets.data(), El, D,
+                                   2 * F);
+      expert_return(*comm.ep, p, dxl.data(), dxp.data(), D);
+    }
     cpu::moe_permute_backward(dh2.data(), dxp.data(), s.row.data(), N, K, D);
 
     HostArray<T> dprobs(size_t(N) * E, Mem::workspace);
-    if (lb_scale != T(0) && N > 0)
-      cpu::moe_lb_loss_backward(dprobs.data(), lb_scale, s.counts.data(), N, E, K);
+    if (lb_scale != T(0) && N > 0) {
+      if (s.lb_tokens == N) {
+        cpu::moe_lb_loss_backward(dprobs.data(), lb_scale, s.counts.data(), N, E, K);
+      } else {  // global statistics: this rank's tokens get their share of the whole micro-batch's loss
+        const double Nt = double(s.lb_tokens);
+        std::vector<T> ge(static_cast<size_t>(E));
+        for (int e = 0; e < E; ++e) ge[size_t(e)] = T(double(lb_scale) * E * (double(s.counts[size_t(e)]) / (Nt * K)) / Nt);
+        for (int n = 0; n < N; ++n)
+          for (int e = 0; e < E; ++e) dprobs[size_t(n) * E + e] += ge[size_t(e)];
+      }
+    }
     HostArray<T> dlogits(size_t(N) * E, Mem::workspace), dh_router(ND, Mem::workspace);
     cpu::router_backward(dlogits.data(), dw.data(), dprobs.data(), s.probs.data(), s.idx.data(), router_config(c), N);
     cpu::matmul_backward(dh_router.data(), g.router, dlogits.data(), s.h2.data(), w.router, N, D, E);
@@ -133,9 +205,10 @@ void ffn_block_backward(T* dx2, const T* dy, const FfnSaved<T>& s, const T* x2, 
 }
 
 #define INSTANTIATE(T)                                                                                              \
-  template void ffn_block_forward(T*, FfnSaved<T>&, const T*, const LayerView<T>&, const ModelConfig&, int, int);  \
+  template void ffn_block_forward(T*, FfnSaved<T>&, const T*, const LayerView<T>&, const ModelConfig&, int, int,   \
+                                  const MoeComm&);                                                              \
   template void ffn_block_backward(T*, const T*, const FfnSaved<T>&, const T*, const LayerView<T>&,                \
-                                   const LayerView<T>&, const ModelConfig&, int, int, T);
+                                   const LayerView<T>&, const ModelConfig&, int, int, T, const MoeComm&);
 INSTANTIATE(float)
 INSTANTIATE(double)
 #undef INSTANTIATE

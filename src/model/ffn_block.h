@@ -3,6 +3,7 @@
 // experts (grouped GEMMs) -> weighted combine, plus the shared experts.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "core/alloc.h"
@@ -10,8 +11,17 @@
 #include "model/config.h"
 #include "model/params.h"
 #include "ops/cpu/router.h"
+#include "parallel/expert_dispatch.h"
 
 namespace mop {
+
+class ProcessGroup;
+
+// How an MoE layer reaches other ranks; the defaults are one rank holding every expert.
+struct MoeComm {
+  ProcessGroup* ep = nullptr;  // routed experts split evenly over these ranks (parallel/expert_dispatch.h)
+  ProcessGroup* dp = nullptr;  // ranks whose tokens form one micro-batch: load-balancing statistics are summed
+};
 
 template <class T> struct FfnSaved {
   HostArray<T> h2, rstd2;      // (N, D), (N)
@@ -19,8 +29,13 @@ template <class T> struct FfnSaved {
   HostArray<T> probs, w;       // (N, E), (N, K)
   HostArray<int32_t> idx, row; // (N, K) expert ids and their rows in the expert-sorted buffer
   std::vector<int32_t> offsets;// (E + 1)
-  std::vector<int32_t> counts; // (E) tokens per expert in this micro-batch
+  std::vector<int32_t> counts; // (E) tokens per expert in this micro-batch (over all dp ranks)
+  int64_t lb_tokens = 0;       // tokens behind counts (N, or the sum over dp ranks)
   HostArray<T> xp, gu, a, yp;  // (M, D), (M, 2F), (M, F), (M, D); for a dense layer: gu, a only
+  // Expert parallel: xl holds the R rows the local experts process (expert-major); gu and a are
+  // then (R, 2F), (R, F).
+  std::shared_ptr<const ExpertPlan> plan;
+  HostArray<T> xl;
   HostArray<T> sgu, sa;        // shared experts: (N, 2Fs), (N, Fs)
   double lb_loss = 0;          // load-balancing loss of this layer (unscaled)
 };
@@ -29,11 +44,12 @@ cpu::RouterConfig router_config(const ModelConfig& c);
 
 template <class T>
 void ffn_block_forward(T* y_ND, FfnSaved<T>& s, const T* x2_ND, const LayerView<T>& w, const ModelConfig& c, int layer,
-                       int N);
+                       int N, const MoeComm& comm = {});
 // dx2 = dy + d(branch)/dx2 (written). lb_scale multiplies this layer's load-balancing loss in the
 // objective (0 when it is off).
 template <class T>
 void ffn_block_backward(T* dx2_ND, const T* dy_ND, const FfnSaved<T>& s, const T* x2_ND, const LayerView<T>& w,
-                        const LayerView<T>& g, const ModelConfig& c, int layer, int N, T lb_scale);
+                        const LayerView<T>& g, const ModelConfig& c, int layer, int N, T lb_scale,
+                        const MoeComm& comm = {});
 
 }  // namespace mop

@@ -21,9 +21,14 @@ const ParamSpec& ParamTable::find(const std::string& name) const {
   MOP_FAIL("no parameter named '{}'{}", name, did_you_mean(name, names));
 }
 
-ParamTable build_param_table(const ModelConfig& c, bool decay_embeddings) {
+ParamTable build_param_table(const ModelConfig& c, bool decay_embeddings, ExpertRange experts) {
   c.validate();
+  if (experts.count < 0) experts = {0, int(c.experts)};
+  MOP_CHECK(experts.begin >= 0 && experts.count >= 1 && experts.begin + experts.count <= int(c.experts),
+            "expert range [{}, {}) is not inside the model's {} experts", experts.begin, experts.begin + experts.count,
+            c.experts);
   ParamTable t;
+  t.experts = experts;
   const int64_t D = c.hidden, hd = c.hd(), V = c.vocab_size, E = c.experts, F = c.expert_ffn;
   const float std_in = float(c.init_std);
   // Output projections feed the residual stream once per layer per branch: GPT-2's 1/sqrt(2L).
@@ -70,12 +75,6 @@ ParamTable build_param_table(const ModelConfig& c, bool decay_embeddings) {
     add(p + "mlp.gate.weight", {E, D}, ParamRole::router, l, std_in);
     if (c.router == "sigmoid")
       add(p + "mlp.gate.e_score_correction_bias", {E}, ParamRole::router_bias, l, 0, 0, false, -1, false);
-    for (int e = 0; e < int(E); ++e) {
-      add(fmt::format("{}mlp.experts.{}.gate_proj.weight", p, e), {F, D}, ParamRole::expert_gate_up, l, std_in, 0, true, e);
-      add(fmt::format("{}mlp.experts.{}.up_proj.weight", p, e), {F, D}, ParamRole::expert_gate_up, l, std_in, 0, true, e);
-    }
-    for (int e = 0; e < int(E); ++e)
-      add(fmt::format("{}mlp.experts.{}.down_proj.weight", p, e), {D, F}, ParamRole::expert_down, l, std_out, 0, true, e);
     if (c.shared_experts > 0) {
       const int64_t Fs = c.shared_width();
       const std::string s = p + (ds ? "mlp.shared_experts." : "mlp.shared_expert.");
@@ -83,6 +82,14 @@ ParamTable build_param_table(const ModelConfig& c, bool decay_embeddings) {
       add(s + "up_proj.weight", {Fs, D}, ParamRole::shared_gate_up, l, std_in);
       add(s + "down_proj.weight", {D, Fs}, ParamRole::shared_down, l, std_out);
     }
+    // Routed experts last: a layer's dense parameters are one contiguous range and its local experts
+    // another, so ZeRO can shard them over different groups (all ranks vs. the expert replicas).
+    for (int e = experts.begin; e < experts.begin + experts.count; ++e) {
+      add(fmt::format("{}mlp.experts.{}.gate_proj.weight", p, e), {F, D}, ParamRole::expert_gate_up, l, std_in, 0, true, e);
+      add(fmt::format("{}mlp.experts.{}.up_proj.weight", p, e), {F, D}, ParamRole::expert_gate_up, l, std_in, 0, true, e);
+    }
+    for (int e = experts.begin; e < experts.begin + experts.count; ++e)
+      add(fmt::format("{}mlp.experts.{}.down_proj.weight", p, e), {D, F}, ParamRole::expert_down, l, std_out, 0, true, e);
   }
   add("model.norm.weight", {D}, ParamRole::norm, -1, 0, 1, false);
   if (!c.tie_embeddings) add("lm_head.weight", {V, D}, ParamRole::head, -1, std_in);

@@ -37,15 +37,22 @@ struct ParamSpec {
   float init_value = 0;
 };
 
+// The routed experts a table holds: all of them, or the block [begin, begin + count) that one
+// expert-parallel rank owns (names keep the global expert index).
+struct ExpertRange {
+  int begin = 0, count = -1;  // count -1: all experts
+};
+
 struct ParamTable {
   std::vector<ParamSpec> params;
+  ExpertRange experts;  // resolved (count >= 1)
   int64_t total = 0;  // elements
   const ParamSpec& find(const std::string& name) const;  // throws, suggesting the nearest name
   const ParamSpec* try_find(const std::string& name) const;
 };
 
 // decay_embeddings: apply weight decay to the input embedding too (default off).
-ParamTable build_param_table(const ModelConfig& c, bool decay_embeddings = false);
+ParamTable build_param_table(const ModelConfig& c, bool decay_embeddings = false, ExpertRange experts = {});
 
 // Pointers into one flat array (parameters or their gradients share offsets) for one layer.
 template <class T> struct LayerView {

@@ -121,7 +121,9 @@ const std::vector<Field>& fields() {
       F("train.beta2", train.beta2, "AdamW beta2"),
       F("train.eps", train.eps, "AdamW epsilon"),
       F("train.clip", train.clip, "clip the global gradient norm to this; 0 = off"),
-      F("train.checkpointing", train.checkpointing, "activation checkpointing: none | full (recompute each layer)"),
+      F("train.checkpointing", train.checkpointing,
+        "activation checkpointing: none | full (recompute each layer) | selective (GPU: keep attention and GEMM "
+        "outputs, recompute norms, permutation and SwiGLU)"),
       F("train.log_every", train.log_every, "progress line every N steps (metrics.jsonl gets every step)"),
       F("train.eval_every", train.eval_every, "evaluate on the held-out split every N steps; 0 = off"),
       F("train.eval_batches", train.eval_batches, "micro-batches per evaluation"),
@@ -137,6 +139,10 @@ const std::vector<Field>& fields() {
       F("data.val_path", data.val_path, "held-out shards; empty = the val_* shards beside data.path"),
       F("data.builtin_docs", data.builtin_docs, "documents generated for the built-in corpus"),
       F("data.synthetic", data.synthetic, "uniformly random tokens (benchmarks); ignores data.path"),
+      F("parallel.zero", parallel.zero, "ZeRO stage: 0 replicate, 1 shard optimizer state, 2 and gradients, 3 and parameters"),
+      F("parallel.ep", parallel.ep, "expert-parallel degree; divides the world size and model.experts"),
+      F("parallel.world", parallel.world, "expected world size; 0 = whatever the launcher gives (saved resolved)"),
+      F("parallel.timeout_s", parallel.timeout_s, "seconds a collective may wait for the other ranks before failing"),
       F("run.name", run.name, "run name; default: the model preset"),
       F("run.dir", run.dir, "where config.toml, metrics.jsonl and checkpoints go; default runs/<name>"),
       F("run.memory_limit_gib", run.memory_limit_gib, "cap on tracked memory in GiB; 0 = none"),
@@ -271,14 +277,18 @@ void Config::validate() const {
   MOP_CHECK(t.eps > 0, "train.eps must be positive, got {}", t.eps);
   MOP_CHECK(t.weight_decay >= 0, "train.weight_decay must be >= 0, got {}", t.weight_decay);
   MOP_CHECK(t.clip >= 0, "train.clip must be >= 0, got {}", t.clip);
-  MOP_CHECK(t.checkpointing == "none" || t.checkpointing == "full",
-            "train.checkpointing = '{}' is not one of none, full", t.checkpointing);
+  MOP_CHECK(t.checkpointing == "none" || t.checkpointing == "full" || t.checkpointing == "selective",
+            "train.checkpointing = '{}' is not one of none, full, selective", t.checkpointing);
   MOP_CHECK(t.log_every > 0, "train.log_every must be positive, got {}", t.log_every);
   MOP_CHECK(t.eval_every >= 0 && t.save_every >= 0 && t.eval_batches > 0 && t.keep_checkpoints > 0,
             "train.eval_every, train.save_every must be >= 0 and train.eval_batches, train.keep_checkpoints > 0");
   MOP_CHECK(t.sample_tokens >= 0 && t.sample_temperature >= 0, "train.sample_tokens and sample_temperature must be >= 0");
   MOP_CHECK(t.peak_tflops >= 0 && t.threads >= 0, "train.peak_tflops and train.threads must be >= 0");
   MOP_CHECK(data.builtin_docs >= 2, "data.builtin_docs must be >= 2, got {}", data.builtin_docs);
+  MOP_CHECK(parallel.zero >= 0 && parallel.zero <= 3, "parallel.zero = {}: must be 0, 1, 2 or 3", parallel.zero);
+  MOP_CHECK(parallel.ep >= 1 && model.experts % parallel.ep == 0,
+            "parallel.ep = {} must be >= 1 and divide model.experts = {}", parallel.ep, model.experts);
+  MOP_CHECK(parallel.world >= 0 && parallel.timeout_s > 0, "parallel.world must be >= 0 and parallel.timeout_s > 0");
   MOP_CHECK(run.memory_limit_gib >= 0, "run.memory_limit_gib must be >= 0, got {}", run.memory_limit_gib);
 }
 

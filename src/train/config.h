@@ -27,7 +27,7 @@ struct TrainConfig {
   double beta2 = 0.95;
   double eps = 1e-8;
   double clip = 1.0;               // global gradient-norm clip; 0 = off
-  std::string checkpointing = "none";  // none | full (recompute each layer in backward)
+  std::string checkpointing = "none";  // none | full (recompute each layer in backward) | selective (GPU)
   int64_t log_every = 10;          // progress line every N steps (metrics.jsonl gets every step)
   int64_t eval_every = 100;        // evaluate on the held-out split every N steps; 0 = off
   int64_t eval_batches = 4;        // micro-batches per evaluation
@@ -53,9 +53,19 @@ struct RunConfig {
   double memory_limit_gib = 0;     // cap on tracked memory (tests, and to emulate a smaller device); 0 = none
 };
 
+// How the model is spread over the ranks of a multi-process run (mop launch, torchrun, mpirun,
+// srun). The data-parallel degree is the world size; train.batch is the global batch.
+struct ParallelConfig {
+  int64_t zero = 0;                // ZeRO stage: 0 replicate, 1 shard optimizer state, 2 + gradients, 3 + parameters
+  int64_t ep = 1;                  // expert-parallel degree: divides the world size and model.experts
+  int64_t world = 0;               // expected world size (the launcher's); 0 = any. Written resolved to the run config
+  double timeout_s = 600;          // a collective waiting longer than this fails, naming the group and operation
+};
+
 struct Config {
   std::string device = "auto";     // auto | cpu | cuda
   ModelConfig model;
+  ParallelConfig parallel;
   TrainConfig train;
   DataConfig data;
   RunConfig run;

@@ -12,6 +12,9 @@
 #include "core/timer.h"
 #include "data/tokenizer.h"
 #include "optim/schedule.h"
+#include "parallel/sharded_checkpoint.h"
+#include "parallel/world.h"
+#include "parallel/zero.h"
 #ifdef MOP_HAVE_CUDA
 #include <cuda_runtime.h>
 
@@ -19,6 +22,10 @@
 #include "ops/cuda/attention.h"
 #include "ops/cuda/check.cuh"
 #include "ops/cuda/runtime.h"
+#else
+namespace mop {
+class GpuDecoder {};  // never constructed without the CUDA backend; complete for unique_ptr
+}  // namespace mop
 #endif
 
 namespace fs = std::filesystem;
@@ -45,12 +52,23 @@ std::string printable(const std::string& s) {
   }
   return out;
 }
+// Ranks sharing this node's cores: the launcher says (mop launch and torchrun, mpirun); else
+// assume all ranks are here.
+int local_world_size(const RankInfo& r) {
+  for (const char* k : {"LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"})
+    if (const char* v = std::getenv(k)) {
+      const int n = std::atoi(v);
+      if (n > 0) return n;
+    }
+  return r.world;
+}
 }  // namespace
 
-int configure_threads(int64_t requested) {
-  // Default: all cores up to 8. The reference's GEMMs are small and OpenMP's spinning threads
-  // contend with OpenBLAS's own pool: 16 threads ran the tiny preset 3x slower than 2.
-  int n = requested > 0 ? int(requested) : std::min(8, omp_get_num_procs());
+int configure_threads(int64_t requested, int local_ranks) {
+  // Default: all cores up to 8, shared by the ranks on this node. The reference's GEMMs are small
+  // and OpenMP's spinning threads contend with OpenBLAS's own pool: 16 threads ran the tiny
+  // preset 3x slower than 2.
+  int n = requested > 0 ? int(requested) : std::max(1, std::min(8, omp_get_num_procs() / std::max(1, local_ranks)));
   omp_set_num_threads(n);
   openblas_set_num_threads(n);
   return n;
@@ -76,26 +94,64 @@ Trainer::Trainer(Config cfg, TrainOptions opt) : cfg_(std::move(cfg)), opt_(std:
   std::string note;
   const std::string device = resolve_device(cfg_.device, &note);
   if (!note.empty()) log("note: " + note);
-  threads_ = configure_threads(cfg_.train.threads);
+  MOP_CHECK(device == "cuda" || cfg_.train.checkpointing != "selective",
+            "train.checkpointing = 'selective' is implemented on the GPU only (use full on the CPU)");
+  rank_ = detect_rank();
+  threads_ = configure_threads(cfg_.train.threads, local_world_size(rank_));
   if (cfg_.run.memory_limit_gib > 0)
     memory_tracker(Device::cpu).set_limit(size_t(cfg_.run.memory_limit_gib * double(1ull << 30)));
 
-  table_ = build_param_table(cfg_.model, cfg_.train.decay_embeddings);
+  const bool parallel = rank_.world > 1 || cfg_.parallel.zero > 0 || cfg_.parallel.ep > 1;
+  if (parallel) setup_parallel(device);  // this rank's table: its experts only
+  else table_ = build_param_table(cfg_.model, cfg_.train.decay_embeddings);
   params_ = HostArray<float>(size_t(table_.total), Mem::params);
-  // Host gradients only for the CPU model; a GPU run keeps its gradients on the device.
-  if (device == "cpu") grads_ = HostArray<float>(size_t(table_.total), Mem::grads);
+  // Host gradients only for the single-rank CPU model; a GPU run keeps its gradients on the
+  // device, a sharded run in its ZeRO units.
+  if (device == "cpu" && !parallel) grads_ = HostArray<float>(size_t(table_.total), Mem::grads);
   OptimizerSettings os{cfg_.train.beta1, cfg_.train.beta2, cfg_.train.eps, cfg_.train.weight_decay, cfg_.train.clip};
-  adamw_ = std::make_unique<AdamW>(table_, os);
+  // A GPU run keeps its moments on the device: host moments exist only to load or save a checkpoint
+  // (moe-7b: 45 GB of host memory otherwise).
+  if (!parallel && (device == "cpu" || !opt_.resume.empty())) adamw_ = std::make_unique<AdamW>(table_, os);
   state_.rng_state = hash_seed(cfg_.train.seed, "sampling");
 
   data_ = make_run_data(cfg_);
+  if (parallel) {
+    if (!opt_.init_from.empty()) {
+      const std::string dir = resolve_checkpoint(opt_.init_from);
+      MOP_CHECK(!is_sharded_checkpoint(dir), "--init-from {}: a sharded checkpoint; start from a single-rank one", dir);
+      load_checkpoint(dir, table_, params_.data(), nullptr, nullptr);  // this rank's tensors only
+      log(fmt::format("initialised weights from {}", dir));
+    } else {
+      init_params(table_, params_.data(), cfg_.train.seed);  // seeded per tensor name: the same on any layout
+    }
+    zero_ = std::make_unique<ZeroParams>(table_, cfg_.model, int(cfg_.parallel.zero), *groups_->world,
+                                         *groups_->edp, os);
+    zero_->load_full(params_.data());
+    params_ = HostArray<float>();  // the ZeRO units hold the weights now
+    if (!opt_.resume.empty()) {
+      const std::string dir = resolve_checkpoint(opt_.resume);
+      MOP_CHECK(is_sharded_checkpoint(dir),
+                "--resume {}: written by a single-rank run; resume it on one rank, or start from its weights with "
+                "--init-from",
+                dir);
+      load_sharded_checkpoint(dir, shard_layout(), *zero_, *groups_->world, &state_);
+      data_.train->set_cursor(state_.cursor);
+      log(fmt::format("resumed from {} at step {}", dir, state_.step));
+    }
+    model_ = std::make_unique<Decoder<float>>(cfg_.model, table_);
+    model_->bind(zero_.get());
+    model_->set_moe_comm(MoeComm{groups_->ep.get(), groups_->world.get()});
+    return;
+  }
   if (!opt_.resume.empty()) {
     const std::string dir = resolve_checkpoint(opt_.resume);
+    MOP_CHECK(!is_sharded_checkpoint(dir), "--resume {}: written by a sharded run; resume it with the same layout", dir);
     load_checkpoint(dir, table_, params_.data(), adamw_.get(), &state_);
     data_.train->set_cursor(state_.cursor);
     log(fmt::format("resumed from {} at step {}", dir, state_.step));
   } else if (!opt_.init_from.empty()) {
     const std::string dir = resolve_checkpoint(opt_.init_from);
+    MOP_CHECK(!is_sharded_checkpoint(dir), "--init-from {}: a sharded checkpoint; start from a single-rank one", dir);
     load_checkpoint(dir, table_, params_.data(), nullptr, nullptr);
     log(fmt::format("initialised weights from {}", dir));
   } else {
@@ -105,17 +161,22 @@ Trainer::Trainer(Config cfg, TrainOptions opt) : cfg_(std::move(cfg)), opt_(std:
   model_->bind(params_.data(), grads_.empty() ? nullptr : grads_.data());
 #ifdef MOP_HAVE_CUDA
   if (device == "cuda") {
-    MOP_CHECK(cfg_.train.checkpointing == "none",
-              "train.checkpointing = '{}' is not implemented on the GPU yet (use none, or device = cpu)",
-              cfg_.train.checkpointing);
     cuda::AttentionOptions ao = cuda::attention_options();
     ao.deterministic_backward = cfg_.train.deterministic;
     cuda::set_attention_options(ao);
-    gpu_ = std::make_unique<GpuDecoder>(cfg_.model, table_);
+    GpuDecoderOptions go;
+    const std::string& ck = cfg_.train.checkpointing;
+    go.recompute = ck == "full" ? GpuRecompute::full : ck == "selective" ? GpuRecompute::selective : GpuRecompute::none;
+    // bf16 gradients when a step has one micro-batch: each gradient is then rounded to bf16 exactly
+    // once, as PyTorch's bf16 autograd gradients are; accumulating several micro-batches keeps fp32.
+    go.bf16_grads = cfg_.train.grad_accum == 1;
+    gpu_ = std::make_unique<GpuDecoder>(cfg_.model, table_, go);
     gpu_->upload_params(params_.data());
-    const size_t bytes = size_t(table_.total) * 4;
-    MOP_CUDA_CHECK(cudaMemcpy(gpu_->moment1(), adamw_->m(), bytes, cudaMemcpyHostToDevice));
-    MOP_CUDA_CHECK(cudaMemcpy(gpu_->moment2(), adamw_->v(), bytes, cudaMemcpyHostToDevice));
+    if (adamw_) {  // resumed: the checkpoint's moments move to the device
+      gpu_->upload_moments(adamw_->m(), adamw_->v());
+      gpu_->set_steps_taken(adamw_->steps_taken());
+      adamw_.reset();
+    }
   }
 #else
   (void)device;
@@ -124,13 +185,72 @@ Trainer::Trainer(Config cfg, TrainOptions opt) : cfg_(std::move(cfg)), opt_(std:
 
 Trainer::~Trainer() = default;
 
-void Trainer::sync_from_gpu() {
+ShardLayout Trainer::shard_layout() const {
+  return ShardLayout{rank_.world, int(cfg_.parallel.zero), int(cfg_.parallel.ep)};
+}
+
+void Trainer::setup_parallel(const std::string& device) {
+  const ParallelConfig& pc = cfg_.parallel;
+  const int world = rank_.world, ep = int(pc.ep), zero = int(pc.zero);
+  MOP_CHECK(device == "cpu",
+            "a parallel layout (world {}, zero {}, ep {}) runs on the CPU backend for now; set device = \"cpu\"",
+            world, zero, ep);
+  MOP_CHECK(pc.world == 0 || pc.world == world, "parallel.world = {} but the launcher started {} ranks", pc.world,
+            world);
+  MOP_CHECK(world % ep == 0, "parallel.ep = {} does not divide the world size {} (world = ep x expert replicas)", ep,
+            world);
+  MOP_CHECK(cfg_.train.batch % world == 0,
+            "train.batch = {} sequences per micro-batch (the global batch) cannot be split evenly over {} "
+            "data-parallel ranks",
+            cfg_.train.batch, world);
+  groups_ = std::make_unique<Groups>(
+      make_groups(rank_, ep, std::chrono::milliseconds(int64_t(pc.timeout_s * 1000))));
+  const int El = int(cfg_.model.experts) / ep;
+  table_ = build_param_table(cfg_.model, cfg_.train.decay_embeddings, ExpertRange{groups_->ep->rank() * El, El});
+  cfg_.parallel.world = world;  // the run's config records the layout it ran with
+  log(fmt::format("layout: world {} (data parallel {}), zero {}, ep {} x {} expert replicas, experts {}..{} on rank "
+                  "0's expert group, {} sequences per rank per micro-batch",
+                  world, world, zero, ep, world / ep, 0, El - 1, cfg_.train.batch / world));
+}
+
+void Trainer::sum_over_ranks(double* v, size_t n) {
+  if (groups_ && groups_->world->size() > 1) groups_->world->all_reduce_sum(v, n);
+}
+void Trainer::sum_over_ranks(int64_t* v, size_t n) {
+  if (groups_ && groups_->world->size() > 1) groups_->world->all_reduce_sum(v, n);
+}
+
+void Trainer::next_part(data::Loader& loader, data::Batch& b) {
+  const int rows = int(cfg_.train.batch);
+  if (!groups_) return loader.next_batch(rows, b);
+  const int per = rows / rank_.world;
+  loader.next_batch(rows, b, rank_.rank * per, per);
+}
+
+std::string Trainer::save_checkpoint_now(const std::string& run_dir) {
+  const TrainConfig& tc = cfg_.train;
+  if (zero_)
+    return save_sharded_run_checkpoint(run_dir, tc.keep_checkpoints, cfg_, shard_layout(), *zero_, *groups_->world,
+                                       state_);
+  sync_from_gpu(/*moments=*/true);
+  std::string dir = save_run_checkpoint(run_dir, tc.keep_checkpoints, cfg_, table_, params_.data(), *adamw_, state_);
+  if (gpu_) adamw_.reset();  // a GPU run's host moments live only while a checkpoint is written
+  return dir;
+}
+
+void Trainer::sync_from_gpu(bool moments) {
 #ifdef MOP_HAVE_CUDA
   if (!gpu_) return;
   gpu_->download_params(params_.data());
-  const size_t bytes = size_t(table_.total) * 4;
-  MOP_CUDA_CHECK(cudaMemcpy(adamw_->m(), gpu_->moment1(), bytes, cudaMemcpyDeviceToHost));
-  MOP_CUDA_CHECK(cudaMemcpy(adamw_->v(), gpu_->moment2(), bytes, cudaMemcpyDeviceToHost));
+  if (!moments) return;
+  if (!adamw_) {
+    const TrainConfig& t = cfg_.train;
+    adamw_ = std::make_unique<AdamW>(table_, OptimizerSettings{t.beta1, t.beta2, t.eps, t.weight_decay, t.clip});
+  }
+  gpu_->download_moments(adamw_->m(), adamw_->v());
+  adamw_->set_steps_taken(gpu_->steps_taken());
+#else
+  (void)moments;
 #endif
 }
 
@@ -145,15 +265,15 @@ double Trainer::optimizer_step(double lr) {
 #ifdef MOP_HAVE_CUDA
   if (gpu_) {
     const TrainConfig& t = cfg_.train;
-    adamw_->set_steps_taken(adamw_->steps_taken() + 1);
-    return gpu_->optimizer_step(lr, t.beta1, t.beta2, t.eps, t.weight_decay, t.clip, adamw_->steps_taken());
+    return gpu_->optimizer_step(lr, t.beta1, t.beta2, t.eps, t.weight_decay, t.clip);
   }
 #endif
+  if (zero_) return zero_->step(lr);
   return adamw_->step(params_.data(), grads_.data(), lr);
 }
 
 void Trainer::log(const std::string& line) const {
-  if (opt_.quiet) return;
+  if (opt_.quiet || rank_.rank != 0) return;
   fmt::print("{}\n", line);
   std::fflush(stdout);
 }
@@ -165,7 +285,7 @@ double Trainer::evaluate() {
   double sum = 0;
   int64_t tokens = 0;
   for (int64_t i = 0; i < cfg_.train.eval_batches; ++i) {
-    data_.val->next_batch(int(cfg_.train.batch), b);
+    next_part(*data_.val, b);
 #ifdef MOP_HAVE_CUDA
     LossStats st = gpu_ ? gpu_->forward_loss(token_batch(b)) : model_->forward_loss(token_batch(b));
 #else
@@ -174,6 +294,8 @@ double Trainer::evaluate() {
     sum += st.ce_sum;
     tokens += st.ce_tokens;
   }
+  sum_over_ranks(&sum, 1);
+  sum_over_ranks(&tokens, 1);
   return tokens ? sum / double(tokens) : -1;
 }
 
@@ -216,8 +338,22 @@ void Trainer::update_router_bias(const LossStats& st) {
   // Aux-loss-free balancing (DeepSeek-V3): nudge each expert's selection bias towards the
   // mean load. Not a gradient step; the bias is a buffer saved with the weights.
   if (cfg_.model.router != "sigmoid") return;
-  sync_from_gpu();
   const int64_t E = cfg_.model.experts;
+  if (zero_) {  // the counts are global (summed over the data-parallel ranks): every rank agrees
+    for (const auto& p : table_.params) {
+      if (p.role != ParamRole::router_bias) continue;
+      const int64_t* cnt = st.counts.data() + size_t(p.layer) * E;
+      double mean = 0;
+      for (int64_t e = 0; e < E; ++e) mean += double(cnt[e]);
+      mean /= double(E);
+      zero_->update_buffer(p, [&](int64_t e, float& b) {
+        const double d = mean - double(cnt[e]);
+        b += float(cfg_.model.bias_update_rate * double((d > 0) - (d < 0)));
+      });
+    }
+    return;
+  }
+  // The bias is a buffer the host owns (the GPU never changes it): nothing to download.
   for (const auto& p : table_.params) {
     if (p.role != ParamRole::router_bias) continue;
     const int64_t* cnt = st.counts.data() + size_t(p.layer) * E;
@@ -231,7 +367,7 @@ void Trainer::update_router_bias(const LossStats& st) {
     }
   }
 #ifdef MOP_HAVE_CUDA
-  if (gpu_) gpu_->upload_params(params_.data());
+  if (gpu_) gpu_->upload_buffers(params_.data());
 #endif
 }
 
@@ -239,7 +375,7 @@ TrainResult Trainer::run() {
   const TrainConfig& tc = cfg_.train;
   const std::string run_dir = cfg_.run_dir();
   MetricsLog metrics;
-  if (!opt_.bench) {
+  if (!opt_.bench && rank_.rank == 0) {
     fs::create_directories(run_dir);
     std::ofstream f(fs::path(run_dir) / "config.toml");
     f << cfg_.to_toml();
@@ -282,21 +418,30 @@ TrainResult Trainer::run() {
 #endif
     // The host gradients exist only for the CPU model (zeroing 4 bytes per parameter on the host
     // every step was 83% of the GPU step on moe-1b: 354 ms -> 61 ms without it).
-    if (!gpu_) std::fill(grads_.data(), grads_.data() + grads_.size(), 0.f);
-    // All micro-batches first: the loss is the mean over every target token of the step.
+    if (zero_) zero_->begin_step();
+    else if (!gpu_) std::fill(grads_.data(), grads_.data() + grads_.size(), 0.f);
+    // All micro-batches first: the loss is the mean over every target token of the step, on
+    // all ranks.
     int64_t step_targets = 0;
     for (auto& mb : micro) {
-      data_.train->next_batch(int(tc.batch), mb);
+      next_part(*data_.train, mb);
       for (int32_t t : mb.targets) step_targets += t >= 0;
     }
+    sum_over_ranks(&step_targets, 1);
     LossStats st;
     const float ce_scale = 1.f / float(std::max<int64_t>(1, step_targets));
-    for (auto& mb : micro) st.add(micro_step(mb, ce_scale, lb_scale, rc));
+    for (size_t i = 0; i < micro.size(); ++i) {
+      if (zero_) zero_->set_reduce_on_release(i + 1 == micro.size());  // reduce once per step
+      st.add(micro_step(micro[i], ce_scale, lb_scale, rc));
+    }
+    // The load-balancing loss and expert counts are already global (MoeComm::dp).
+    sum_over_ranks(&st.ce_sum, 1);
+    sum_over_ranks(&st.ce_tokens, 1);
     const double gnorm = optimizer_step(lr);
     update_router_bias(st);
     ++state_.step;
     state_.cursor = data_.train->cursor();
-    const int64_t step_tokens = tc.grad_accum * tc.batch * tc.seq_len;
+    const int64_t step_tokens = tc.grad_accum * tc.batch * tc.seq_len;  // global
     state_.tokens_seen += step_tokens;
 #ifdef MOP_HAVE_CUDA
     if (gpu_) MOP_CUDA_CHECK(cudaStreamSynchronize(gpu_->stream()));  // the step's time includes its GPU work
@@ -313,7 +458,7 @@ TrainResult Trainer::run() {
     m.aux_loss = st.lb_sum / double(moe_layers * tc.grad_accum);
     m.lr = lr;
     m.grad_norm = gnorm;
-    m.tokens_per_s = double(step_tokens) / dt;
+    m.tokens_per_s = double(step_tokens) / dt / double(rank_.world);  // per rank, like the MFU
     m.tflops = flops_per_token * m.tokens_per_s / 1e12;
     m.mfu = flops_per_token * m.tokens_per_s / peak;
     m.mem_gib = double(memory_tracker(mem_dev).peak_total()) / double(1ull << 30);
@@ -333,16 +478,34 @@ TrainResult Trainer::run() {
     if (!opt_.bench && ((tc.save_every > 0 && state_.step % tc.save_every == 0) || last)) {
       state_.elapsed_s += train_time;
       train_time = 0;
-      sync_from_gpu();
-      res.last_checkpoint =
-          save_run_checkpoint(run_dir, tc.keep_checkpoints, cfg_, table_, params_.data(), *adamw_, state_);
+      res.last_checkpoint = save_checkpoint_now(run_dir);
     }
   }
   if (!opt_.bench && res.last_checkpoint.empty() && tc.steps > 0 && state_.step == tc.steps)
     res.last_checkpoint = resolve_checkpoint(run_dir);
+  // train.steps = 0 writes the initial weights: one starting point for runs that must share it
+  // (parity between layouts, ablations).
+  if (!opt_.bench && tc.steps == 0 && state_.step == 0) {
+    res.last_checkpoint = save_checkpoint_now(run_dir);
+    log("checkpoint: " + res.last_checkpoint);
+  }
 
-  sync_from_gpu();  // sampling runs on the CPU model over the final weights
-  if (!opt_.bench && tc.sample_tokens > 0 && cfg_.model.vocab_size >= data::kByteVocab) {
+  if (!opt_.bench) sync_from_gpu(/*moments=*/false);  // sampling runs on the CPU model over the final weights
+  bool can_sample = true;
+  if (zero_ && !opt_.bench && tc.sample_tokens > 0) {
+    // Every rank gathers the weights and samples the same text (rank 0 prints it); with expert
+    // parallelism no rank holds every expert, so there is no sample.
+    can_sample = cfg_.parallel.ep == 1;
+    if (can_sample) {
+      params_ = HostArray<float>(size_t(table_.total), Mem::params);
+      zero_->gather_full(params_.data());
+      model_->bind(params_.data(), nullptr);
+      model_->set_moe_comm(MoeComm{});
+    } else {
+      log(fmt::format("sample: skipped (experts are split over {} ranks)", cfg_.parallel.ep));
+    }
+  }
+  if (!opt_.bench && can_sample && tc.sample_tokens > 0 && cfg_.model.vocab_size >= data::kByteVocab) {
     Rng rng(state_.rng_state);
     res.sample = generate("Once upon a time", int(tc.sample_tokens), tc.sample_temperature, rng);
     log("sample: " + printable(res.sample));

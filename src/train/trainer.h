@@ -11,6 +11,7 @@
 #include "core/rng.h"
 #include "model/decoder.h"
 #include "optim/optimizer.h"
+#include "parallel/launch.h"
 #include "train/config.h"
 #include "train/data_setup.h"
 #include "train/metrics.h"
@@ -18,6 +19,10 @@
 namespace mop {
 
 class GpuDecoder;  // model/cuda/gpu_decoder.h: only with the CUDA backend
+class ProcessGroup;
+class ZeroParams;
+struct Groups;       // parallel/world.h
+struct ShardLayout;  // parallel/sharded_checkpoint.h
 
 struct TrainOptions {
   std::string resume;            // run or checkpoint directory to continue from
@@ -52,11 +57,19 @@ class Trainer {
   double evaluate();
   std::string generate(const std::string& prompt, int n_tokens, double temperature, Rng& rng);
   void update_router_bias(const LossStats& st);
-  // GPU runs keep the weights and moments on the device; the host copies are refreshed before
-  // checkpoints, sampling and at the end.
-  void sync_from_gpu();
+  // GPU runs keep the weights and moments on the device; the host weights are refreshed before
+  // checkpoints and sampling, and host moments are made (then dropped) only for a checkpoint.
+  void sync_from_gpu(bool moments);
   LossStats micro_step(const data::Batch& mb, float ce_scale, float lb_scale, Recompute rc);
   double optimizer_step(double lr);
+  // Multi-rank (or sharded) runs: groups, this rank's table and the ZeRO state.
+  void setup_parallel(const std::string& device);
+  ShardLayout shard_layout() const;
+  // Sums over all ranks (no-op on one).
+  void sum_over_ranks(double* v, size_t n);
+  void sum_over_ranks(int64_t* v, size_t n);
+  void next_part(data::Loader& loader, data::Batch& b);  // this rank's rows of the next global batch
+  std::string save_checkpoint_now(const std::string& run_dir);
 
   Config cfg_;
   TrainOptions opt_;
@@ -68,10 +81,14 @@ class Trainer {
   RunData data_;
   TrainState state_;
   int threads_ = 1;
+  RankInfo rank_;
+  std::unique_ptr<Groups> groups_;
+  std::unique_ptr<ZeroParams> zero_;
 };
 
-// Sets OpenMP and OpenBLAS threads (0 = all cores); returns the count used.
-int configure_threads(int64_t requested);
+// Sets OpenMP and OpenBLAS threads (0 = all cores up to 8, shared by local_ranks ranks); returns
+// the count used.
+int configure_threads(int64_t requested, int local_ranks = 1);
 // "cpu" or "cuda" for cfg.device, with the reason when auto falls back.
 std::string resolve_device(const std::string& requested, std::string* note);
 

@@ -1,4 +1,5 @@
-// Helpers for CUDA op tests: device arrays, bf16 rounding, and a dtype-aware comparison.
+// Helpers for CUDA op tests: device arrays, bf16 rounding, a dtype-aware comparison, and the
+// event timer the benchmarks share (`mop bench ops` uses the same one).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -11,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/cuda/event_timer.h"
 #include "core/dtype.h"
 #include "cuda_check.h"
 
@@ -101,5 +103,8 @@ inline void expect_close(const std::vector<float>& got, const std::vector<float>
 }
 
 constexpr double kBf16Eps = 1.0 / 256;  // 2^-8: spacing of bf16 just above 1
+
+// Median ms per call of f() on the default stream, after `warmup` calls (bench/cuda/event_timer.h).
+using ::mop::bench::median_ms;
 
 }  // namespace mop::test

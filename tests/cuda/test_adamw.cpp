@@ -165,21 +165,8 @@ TEST(CudaAdamW, Timing) {
   const cuda::AdamWArgs a{1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.1f, 0.05f, 1.f};
   DeviceArray<float> scratch(cuda::sum_squares_scratch_floats(per));
   DeviceArray<double> d_out(1);
-  cudaEvent_t t0, t1;
-  cudaEventCreate(&t0), cudaEventCreate(&t1);
-  auto time_ms = [&](auto&& f) {
-    for (int i = 0; i < 2; ++i) f();
-    const int iters = 5;
-    cudaEventRecord(t0);
-    for (int i = 0; i < iters; ++i) f();
-    cudaEventRecord(t1);
-    cudaEventSynchronize(t1);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, t0, t1);
-    return ms / iters;
-  };
-  const float step = time_ms([&] { cuda::adamw_step_multi(views.data(), int(views.size()), a, nullptr); });
-  const float sq = time_ms([&] {
+  const float step = median_ms([&] { cuda::adamw_step_multi(views.data(), int(views.size()), a, nullptr); });
+  const float sq = median_ms([&] {
     for (const auto& t : views) cuda::sum_squares(d_out.data(), t.g, t.n, scratch.data(), nullptr);
   });
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -187,5 +174,4 @@ TEST(CudaAdamW, Timing) {
   // Per parameter: read p, g, m, v (16 B), write p, m, v (12 B) and the bf16 copy (2 B).
   std::printf("[adamw %.0fM params] step %.3f ms %.0f GB/s; sum_squares %.3f ms %.0f GB/s\n", n * 1e-6, step,
               30 * n / step * 1e-6, sq, 4 * n / sq * 1e-6);
-  cudaEventDestroy(t0), cudaEventDestroy(t1);
 }

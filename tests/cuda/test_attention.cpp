@@ -197,20 +197,6 @@ TEST(CudaAttention, Benchmark16K) {
   DeviceArray<bf16> q(host), k(host), v(host), dout(host), out(nq), dq(nq), dk(nq), dv(nq);
   DeviceArray<float> lse(size_t(S) * H);
   const double fwd_flop = 2.0 * 2.0 * double(S) * S / 2 * H * hd, bwd_flop = 2.5 * fwd_flop;
-  cudaEvent_t t0, t1;
-  ASSERT_EQ(cudaEventCreate(&t0), cudaSuccess);
-  ASSERT_EQ(cudaEventCreate(&t1), cudaSuccess);
-  auto time_ms = [&](auto&& fn) {
-    for (int i = 0; i < 3; ++i) fn();
-    const int iters = 20;
-    cudaEventRecord(t0);
-    for (int i = 0; i < iters; ++i) fn();
-    cudaEventRecord(t1);
-    cudaEventSynchronize(t1);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, t0, t1);
-    return double(ms) / iters;
-  };
   struct Config { int KVH; bool ragged, det; const char* name; };
   for (const Config& cfg : {Config{16, false, false, "BSHD"}, Config{4, false, false, "BSHD"},
                             Config{16, true, false, "THD"}, Config{4, true, false, "THD"},
@@ -231,13 +217,11 @@ TEST(CudaAttention, Benchmark16K) {
                                k.data(), v.data(), cu_d.data(), cu, 1, S, S, H, KVH, hd, scale, qrs, kvrs, ws.data(),
                                ws_bytes, nullptr);
     };
-    const double f_ms = time_ms(fwd), b_ms = time_ms(bwd);
+    const double f_ms = median_ms(fwd), b_ms = median_ms(bwd);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     std::printf("attention causal S=%d H=%d KVH=%d hd=%d %s: fwd %.3f ms %.0f TFLOP/s (target 635), "
                 "bwd %.3f ms %.0f TFLOP/s (target 576); graph build %.2f s, workspace %.1f MiB\n",
                 S, H, KVH, hd, cfg.name, f_ms, fwd_flop / f_ms * 1e-9, b_ms, bwd_flop / b_ms * 1e-9, build_s,
                 double(ws_bytes) / (1 << 20));
   }
-  cudaEventDestroy(t0);
-  cudaEventDestroy(t1);
 }

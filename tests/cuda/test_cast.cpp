@@ -113,23 +113,9 @@ TEST(CudaCast, Bandwidth) {
   const size_t n = size_t(16384) * 2048;
   DeviceArray<float> f(n);
   DeviceArray<bf16> h(n);
-  cudaEvent_t t0, t1;
-  cudaEventCreate(&t0), cudaEventCreate(&t1);
-  auto time_ms = [&](auto&& op) {
-    constexpr int kIters = 20;
-    op();  // warm-up
-    cudaEventRecord(t0);
-    for (int i = 0; i < kIters; ++i) op();
-    cudaEventRecord(t1);
-    cudaEventSynchronize(t1);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, t0, t1);
-    return double(ms) / kIters;
-  };
-  const double down = time_ms([&] { cuda::cast_f32_to_bf16(h.data(), f.data(), n, nullptr); });
-  const double up = time_ms([&] { cuda::cast_bf16_to_f32(f.data(), h.data(), n, nullptr); });
+  const double down = median_ms([&] { cuda::cast_f32_to_bf16(h.data(), f.data(), n, nullptr); });
+  const double up = median_ms([&] { cuda::cast_bf16_to_f32(f.data(), h.data(), n, nullptr); });
   std::printf("[cast n=%zu] f32->bf16 %.3f ms %.0f GB/s, bf16->f32 %.3f ms %.0f GB/s\n", n, down,
               6.0 * n / (down * 1e6), up, 6.0 * n / (up * 1e6));
-  cudaEventDestroy(t0), cudaEventDestroy(t1);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 }

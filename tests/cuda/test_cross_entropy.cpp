@@ -163,25 +163,12 @@ TEST(CudaCrossEntropy, Timing) {
   DeviceArray<int32_t> d_t(N);
   DeviceArray<float> d_loss(N), d_lse(N);
   DeviceArray<double> d_sum(1);
-  cudaEvent_t t0, t1;
-  cudaEventCreate(&t0), cudaEventCreate(&t1);
-  auto time_ms = [&](auto&& f) {
-    for (int i = 0; i < 2; ++i) f();
-    const int iters = 5;
-    cudaEventRecord(t0);
-    for (int i = 0; i < iters; ++i) f();
-    cudaEventRecord(t1);
-    cudaEventSynchronize(t1);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, t0, t1);
-    return ms / iters;
-  };
-  const float fb = time_ms([&] {
+  const float fb = median_ms([&] {
     cuda::cross_entropy_forward_backward(d_loss.data(), d_lse.data(), d_dlogits.data(), d_logits.data(), d_t.data(), N,
                                          V, 1.f / N, nullptr);
     cuda::sum_losses(d_sum.data(), d_loss.data(), N, nullptr);
   });
-  const float f = time_ms([&] {
+  const float f = median_ms([&] {
     cuda::cross_entropy_forward_backward(d_loss.data(), d_lse.data(), nullptr, d_logits.data(), d_t.data(), N, V, 1.f,
                                          nullptr);
   });
@@ -190,5 +177,4 @@ TEST(CudaCrossEntropy, Timing) {
   // Forward + backward reads each row twice and writes it once.
   std::printf("[cross_entropy N=%d V=%d] fwd+bwd %.3f ms %.0f GB/s; fwd only %.3f ms %.0f GB/s\n", N, V, fb,
               3 * bytes / fb * 1e-6, f, bytes / f * 1e-6);
-  cudaEventDestroy(t0), cudaEventDestroy(t1);
 }

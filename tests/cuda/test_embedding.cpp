@@ -138,21 +138,8 @@ TEST(CudaEmbedding, Bandwidth) {
   DeviceArray<float> dwte(size_t(V) * D);
   DeviceArray<int32_t> tok(random_tokens(N, V, 1));
   DeviceArray<uint8_t> ws(cuda::embedding_backward_workspace(N));
-  cudaEvent_t t0, t1;
-  cudaEventCreate(&t0), cudaEventCreate(&t1);
-  auto time_ms = [&](auto&& op) {
-    constexpr int kIters = 20;
-    op();  // warm-up
-    cudaEventRecord(t0);
-    for (int i = 0; i < kIters; ++i) op();
-    cudaEventRecord(t1);
-    cudaEventSynchronize(t1);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, t0, t1);
-    return double(ms) / kIters;
-  };
-  const double fwd = time_ms([&] { cuda::embedding_forward(out.data(), tok.data(), wte.data(), N, D, V, nullptr); });
-  const double bwd = time_ms([&] {
+  const double fwd = median_ms([&] { cuda::embedding_forward(out.data(), tok.data(), wte.data(), N, D, V, nullptr); });
+  const double bwd = median_ms([&] {
     cuda::embedding_backward(dwte.data(), out.data(), tok.data(), N, D, V, ws.data(), ws.size(), nullptr);
   });
   // Bytes: forward reads and writes N bf16 rows; backward reads N bf16 rows and read-modify-writes
@@ -160,6 +147,5 @@ TEST(CudaEmbedding, Bandwidth) {
   const double rows = double(N) * D;
   std::printf("[embedding N=%d D=%d V=%d] forward %.3f ms %.0f GB/s, backward %.3f ms %.0f GB/s\n", N, D, V, fwd,
               4.0 * rows / (fwd * 1e6), bwd, 10.0 * rows / (bwd * 1e6));
-  cudaEventDestroy(t0), cudaEventDestroy(t1);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 }

@@ -172,30 +172,16 @@ TEST(CudaGroupedMatmul, BenchmarkMoe7bExperts) {
       dx(size_t(M) * I);
   DeviceArray<float> dw(size_t(E) * O * I);
   DeviceArray<int32_t> d_off(off);
-  auto time_ms = [](auto&& f) {
-    for (int i = 0; i < 3; ++i) f();
-    cudaEvent_t a, b;
-    cudaEventCreate(&a), cudaEventCreate(&b);
-    const int iters = 10;
-    cudaEventRecord(a);
-    for (int i = 0; i < iters; ++i) f();
-    cudaEventRecord(b);
-    cudaEventSynchronize(b);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, a, b);
-    cudaEventDestroy(a), cudaEventDestroy(b);
-    return double(ms) / iters;
-  };
   const double flop = 2.0 * M * I * O;
   for_each_backend([&](const std::string& backend) {
-    const double t_fwd = time_ms([&] {
+    const double t_fwd = median_ms([&] {
       cuda::grouped_matmul_forward(y.data(), x.data(), w.data(), d_off.data(), off.data(), E, I, O, nullptr);
     });
-    const double t_dx = time_ms([&] {
+    const double t_dx = median_ms([&] {
       cuda::grouped_matmul_backward(dx.data(), nullptr, dy.data(), x.data(), w.data(), d_off.data(), off.data(), E, I,
                                     O, nullptr);
     });
-    const double t_dw = time_ms([&] {
+    const double t_dw = median_ms([&] {
       cuda::grouped_matmul_backward(nullptr, dw.data(), dy.data(), x.data(), w.data(), d_off.data(), off.data(), E, I,
                                     O, nullptr);
     });
@@ -204,7 +190,7 @@ TEST(CudaGroupedMatmul, BenchmarkMoe7bExperts) {
                 backend.c_str(), E, M, I, O, t_fwd, flop / t_fwd / 1e9, t_dx, flop / t_dx / 1e9, t_dw,
                 flop / t_dw / 1e9);
   });
-  const double t_dense = time_ms([&] { cuda::matmul_forward(y.data(), x.data(), w.data(), M, I, O, nullptr); });
+  const double t_dense = median_ms([&] { cuda::matmul_forward(y.data(), x.data(), w.data(), M, I, O, nullptr); });
   std::printf("[bench] dense same FLOPs (%d x %d -> %d): %.3f ms %.0f TFLOP/s\n", M, I, O, t_dense,
               flop / t_dense / 1e9);
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);

@@ -132,18 +132,7 @@ TEST(CudaMatmul, BenchmarkDense8192) {
   const int n = 8192;
   DeviceArray<bf16> x(to_bf16(random_bf16_values(size_t(n) * n, 21))), w(to_bf16(random_bf16_values(size_t(n) * n, 22))),
       y(size_t(n) * n);
-  auto run = [&] { cuda::matmul_forward(y.data(), x.data(), w.data(), n, n, n, nullptr); };
-  for (int i = 0; i < 3; ++i) run();
-  cudaEvent_t a, b;
-  cudaEventCreate(&a), cudaEventCreate(&b);
-  const int iters = 10;
-  cudaEventRecord(a);
-  for (int i = 0; i < iters; ++i) run();
-  cudaEventRecord(b);
-  cudaEventSynchronize(b);
-  float ms = 0;
-  cudaEventElapsedTime(&ms, a, b);
-  cudaEventDestroy(a), cudaEventDestroy(b);
-  const double tflops = 2.0 * n * n * n * iters / (ms * 1e-3) / 1e12;
-  std::printf("[bench] dense bf16 GEMM %dx%dx%d: %.3f ms, %.0f TFLOP/s\n", n, n, n, ms / iters, tflops);
+  const double ms = median_ms([&] { cuda::matmul_forward(y.data(), x.data(), w.data(), n, n, n, nullptr); });
+  const double tflops = 2.0 * n * n * n / (ms * 1e-3) / 1e12;
+  std::printf("[bench] dense bf16 GEMM %dx%dx%d: %.3f ms, %.0f TFLOP/s\n", n, n, n, ms, tflops);
 }

@@ -180,28 +180,15 @@ TEST(CudaMoePermute, Timing) {
   DeviceArray<uint8_t> ws(cuda::moe_route_layout_workspace(N, E, K));
   DeviceArray<bf16> d_x(size_t(N) * D), d_xp(M * D), d_dyp(M * D);  // zero-filled: contents do not matter
   DeviceArray<float> d_w(M), d_dw(M);
-  cudaEvent_t t0, t1;
-  cudaEventCreate(&t0), cudaEventCreate(&t1);
-  auto time_ms = [&](auto&& f) {
-    for (int i = 0; i < 3; ++i) f();
-    const int iters = 10;
-    cudaEventRecord(t0);
-    for (int i = 0; i < iters; ++i) f();
-    cudaEventRecord(t1);
-    cudaEventSynchronize(t1);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, t0, t1);
-    return ms / iters;
-  };
-  const float layout = time_ms([&] {
+  const float layout = median_ms([&] {
     cuda::moe_route_layout(d_row.data(), d_off.data(), d_idx.data(), N, E, K, ws.data(), ws.size(), nullptr);
   });
-  const float perm = time_ms([&] { cuda::moe_permute(d_xp.data(), d_x.data(), d_row.data(), N, K, D, nullptr); });
+  const float perm = median_ms([&] { cuda::moe_permute(d_xp.data(), d_x.data(), d_row.data(), N, K, D, nullptr); });
   const float perm_bwd =
-      time_ms([&] { cuda::moe_permute_backward(d_x.data(), d_xp.data(), d_row.data(), N, K, D, nullptr); });
+      median_ms([&] { cuda::moe_permute_backward(d_x.data(), d_xp.data(), d_row.data(), N, K, D, nullptr); });
   const float comb =
-      time_ms([&] { cuda::moe_combine(d_x.data(), d_xp.data(), d_w.data(), d_row.data(), N, K, D, nullptr); });
-  const float comb_bwd = time_ms([&] {
+      median_ms([&] { cuda::moe_combine(d_x.data(), d_xp.data(), d_w.data(), d_row.data(), N, K, D, nullptr); });
+  const float comb_bwd = median_ms([&] {
     cuda::moe_combine_backward(d_dyp.data(), d_dw.data(), d_x.data(), d_xp.data(), d_w.data(), d_row.data(), N, K, D,
                                nullptr);
   });
@@ -213,5 +200,4 @@ TEST(CudaMoePermute, Timing) {
               "combine %.3f ms %.0f GB/s; combine_bwd %.3f ms %.0f GB/s\n",
               N, K, D, layout, perm, (N + M) * row_bytes / perm * gbs, perm_bwd, (N + M) * row_bytes / perm_bwd * gbs,
               comb, (N + M) * row_bytes / comb * gbs, comb_bwd, (N + 2 * M) * row_bytes / comb_bwd * gbs);
-  cudaEventDestroy(t0), cudaEventDestroy(t1);
 }

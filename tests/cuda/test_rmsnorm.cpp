@@ -156,24 +156,12 @@ TEST(CudaRmsNorm, Bandwidth) {
   const size_t nd = size_t(N) * D;
   DeviceArray<bf16> x(nd), y(nd), r(nd), dy(nd), dx(nd), w(to_bf16(std::vector<float>(D, 1.f)));
   DeviceArray<float> rstd(std::vector<float>(N, 1.f)), dw(D), scratch(cuda::rmsnorm_backward_scratch_floats(N, D));
-  cudaEvent_t t0, t1;
-  cudaEventCreate(&t0), cudaEventCreate(&t1);
-  auto time_ms = [&](auto&& op) {
-    constexpr int kIters = 20;
-    op();  // warm-up
-    cudaEventRecord(t0);
-    for (int i = 0; i < kIters; ++i) op();
-    cudaEventRecord(t1);
-    cudaEventSynchronize(t1);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, t0, t1);
-    return double(ms) / kIters;
-  };
-  const double fwd = time_ms([&] { cuda::rmsnorm_forward(y.data(), rstd.data(), x.data(), w.data(), N, D, kEps, nullptr); });
-  const double res = time_ms([&] {
+  const double fwd =
+      median_ms([&] { cuda::rmsnorm_forward(y.data(), rstd.data(), x.data(), w.data(), N, D, kEps, nullptr); });
+  const double res = median_ms([&] {
     cuda::rmsnorm_residual_forward(r.data(), y.data(), rstd.data(), r.data(), x.data(), w.data(), N, D, kEps, nullptr);
   });
-  const double bwd = time_ms([&] {
+  const double bwd = median_ms([&] {
     cuda::rmsnorm_backward(dx.data(), dw.data(), dy.data(), x.data(), w.data(), rstd.data(), N, D, scratch.data(),
                            nullptr);
   });
@@ -182,6 +170,5 @@ TEST(CudaRmsNorm, Bandwidth) {
   const double b = 2.0 * nd;
   std::printf("[rmsnorm N=%d D=%d] forward %.3f ms %.0f GB/s, residual %.3f ms %.0f GB/s, backward %.3f ms %.0f GB/s\n",
               N, D, fwd, 2 * b / (fwd * 1e6), res, 4 * b / (res * 1e6), bwd, 3 * b / (bwd * 1e6));
-  cudaEventDestroy(t0), cudaEventDestroy(t1);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 }

@@ -196,24 +196,11 @@ TEST(CudaRope, Bandwidth) {
   DeviceArray<float> rstd(std::vector<float>(size_t(N) * H, 1.f)), dw(hd),
       scratch(cuda::qk_norm_rope_backward_scratch_floats(N, H, hd));
   DeviceArray<int32_t> pos(make_pos(N, 1));
-  cudaEvent_t t0, t1;
-  cudaEventCreate(&t0), cudaEventCreate(&t1);
-  auto time_ms = [&](auto&& op) {
-    constexpr int kIters = 20;
-    op();  // warm-up
-    cudaEventRecord(t0);
-    for (int i = 0; i < kIters; ++i) op();
-    cudaEventRecord(t1);
-    cudaEventSynchronize(t1);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, t0, t1);
-    return double(ms) / kIters;
-  };
-  const double fwd = time_ms([&] {
+  const double fwd = median_ms([&] {
     cuda::qk_norm_rope_forward(out.data(), rstd.data(), qkv.data(), w.data(), pos.data(), N, H, hd, stride, kEps,
                                kTheta, nullptr);
   });
-  const double bwd = time_ms([&] {
+  const double bwd = median_ms([&] {
     cuda::qk_norm_rope_backward(dqkv.data(), dw.data(), out.data(), qkv.data(), w.data(), rstd.data(), pos.data(), N,
                                 H, hd, stride, kTheta, scratch.data(), nullptr);
   });
@@ -221,6 +208,5 @@ TEST(CudaRope, Bandwidth) {
   const double b = 2.0 * N * H * hd;
   std::printf("[qk_norm_rope N=%d H=%d hd=%d] forward %.3f ms %.0f GB/s, backward %.3f ms %.0f GB/s\n", N, H, hd, fwd,
               2 * b / (fwd * 1e6), bwd, 3 * b / (bwd * 1e6));
-  cudaEventDestroy(t0), cudaEventDestroy(t1);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 }

@@ -270,27 +270,14 @@ TEST(CudaRouter, Timing) {
   DeviceArray<float> d_logits(logits), d_bias(bias), d_probs(size_t(N) * c.E), d_w(size_t(N) * c.K),
       d_dl(size_t(N) * c.E), d_dw(normals(size_t(N) * c.K, 7, 1.f)), d_loss(1), d_mean(c.E);
   DeviceArray<int32_t> d_idx(size_t(N) * c.K), d_counts(c.E);
-  cudaEvent_t t0, t1;
-  cudaEventCreate(&t0), cudaEventCreate(&t1);
-  auto time_ms = [&](auto&& f) {
-    for (int i = 0; i < 3; ++i) f();
-    const int iters = 20;
-    cudaEventRecord(t0);
-    for (int i = 0; i < iters; ++i) f();
-    cudaEventRecord(t1);
-    cudaEventSynchronize(t1);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, t0, t1);
-    return ms / iters;
-  };
   const double bytes_ne = double(N) * c.E * sizeof(float);
-  const float fwd = time_ms([&] {
+  const float fwd = median_ms([&] {
     cuda::router_forward(d_probs.data(), d_idx.data(), d_w.data(), d_logits.data(), d_bias.data(), c, N, nullptr);
   });
-  const float bwd = time_ms([&] {
+  const float bwd = median_ms([&] {
     cuda::router_backward(d_dl.data(), d_dw.data(), nullptr, d_probs.data(), d_idx.data(), c, N, nullptr);
   });
-  const float lb = time_ms([&] {
+  const float lb = median_ms([&] {
     cuda::moe_expert_counts(d_counts.data(), d_idx.data(), N, c.E, c.K, nullptr);
     cuda::moe_lb_loss(d_loss.data(), d_mean.data(), d_probs.data(), d_counts.data(), N, c.E, c.K, nullptr);
   });
@@ -298,5 +285,4 @@ TEST(CudaRouter, Timing) {
   std::printf("[router N=%d E=%d K=%d] forward %.3f ms %.0f GB/s, backward %.3f ms %.0f GB/s, "
               "lb loss %.3f ms %.0f GB/s\n",
               N, c.E, c.K, fwd, 2 * bytes_ne / fwd * 1e-6, bwd, 2 * bytes_ne / bwd * 1e-6, lb, bytes_ne / lb * 1e-6);
-  cudaEventDestroy(t0), cudaEventDestroy(t1);
 }

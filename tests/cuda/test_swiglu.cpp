@@ -73,24 +73,10 @@ TEST(CudaSwiglu, Bandwidth) {
   const int N = 16384, F = 2048;
   const size_t nf = size_t(N) * F;
   DeviceArray<bf16> gu(2 * nf), h(nf), dh(nf), dgu(2 * nf);
-  cudaEvent_t t0, t1;
-  cudaEventCreate(&t0), cudaEventCreate(&t1);
-  auto time_ms = [&](auto&& op) {
-    constexpr int kIters = 20;
-    op();  // warm-up
-    cudaEventRecord(t0);
-    for (int i = 0; i < kIters; ++i) op();
-    cudaEventRecord(t1);
-    cudaEventSynchronize(t1);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, t0, t1);
-    return double(ms) / kIters;
-  };
-  const double fwd = time_ms([&] { cuda::swiglu_forward(h.data(), gu.data(), N, F, nullptr); });
-  const double bwd = time_ms([&] { cuda::swiglu_backward(dgu.data(), dh.data(), gu.data(), N, F, nullptr); });
+  const double fwd = median_ms([&] { cuda::swiglu_forward(h.data(), gu.data(), N, F, nullptr); });
+  const double bwd = median_ms([&] { cuda::swiglu_backward(dgu.data(), dh.data(), gu.data(), N, F, nullptr); });
   // Bytes moved: forward reads g, u and writes h; backward reads g, u, dh and writes dg, du.
   std::printf("[swiglu N=%d F=%d] forward %.3f ms %.0f GB/s, backward %.3f ms %.0f GB/s\n", N, F, fwd,
               6.0 * nf / (fwd * 1e6), bwd, 10.0 * nf / (bwd * 1e6));
-  cudaEventDestroy(t0), cudaEventDestroy(t1);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 }

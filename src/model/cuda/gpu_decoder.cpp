@@ -1,82 +1,112 @@
+// GpuDecoder's state: parameters in the split master layout, gradients, moments, the optimizer
+// step, host transfers, and the activation buffers per token count. The step itself (forward,
+// recompute, backward) is in gpu_decoder_step.cpp.
 #include "model/cuda/gpu_decoder.h"
 
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 
-#include "model/ffn_block.h"
+#include "model/cuda/gpu_acts.h"
 #include "ops/cuda/adamw.h"
 #include "ops/cuda/attention.h"
 #include "ops/cuda/cast.h"
 #include "ops/cuda/check.cuh"
-#include "ops/cuda/cross_entropy.h"
-#include "ops/cuda/elementwise.h"
 #include "ops/cuda/embedding.h"
-#include "ops/cuda/grouped_matmul.h"
-#include "ops/cuda/matmul.h"
 #include "ops/cuda/moe_permute.h"
 #include "ops/cuda/rmsnorm.h"
 #include "ops/cuda/rope.h"
-#include "ops/cuda/router.h"
 #include "ops/cuda/runtime.h"
-#include "ops/cuda/swiglu.h"
 
 namespace mop {
 
 using bf16 = __nv_bfloat16;
 
 namespace {
-// A typed device buffer of one memory category.
-template <class T> struct Dev {
-  Buffer buf;
-  size_t n = 0;
-  Dev() = default;
-  Dev(size_t count, Mem cat) : buf(Device::cuda, cat, std::max<size_t>(count, 1) * sizeof(T)), n(count) {}
-  T* p() const { return buf.as<T>(); }
-};
+// Host <-> device conversions go through a device fp32 chunk of this many elements (128 MiB), so
+// a transfer never needs a full fp32 copy of the model on either side.
+constexpr size_t kChunk = size_t(32) << 20;
 }  // namespace
 
-struct GpuDecoder::Acts {
-  struct Layer {
-    Dev<bf16> h1, qkv, q_raw, k_raw, q, k, v, att, x2, h2;
-    Dev<float> rstd1, rstd_q, rstd_k, lse, rstd2;
-    Dev<float> logits, probs, w;           // (N, E), (N, E), (N, K)
-    Dev<int32_t> idx, row, offsets, counts;  // (N, K), (N K), (E + 1), (E)
-    std::vector<int32_t> offsets_host;     // (E + 1), read once per layer for the grouped GEMM sizes
-    Dev<bf16> xp, gu, a, yp, sgu, sa;
-    Dev<float> lb;                         // (1) this layer's load-balancing loss
-  };
-  int N = 0;
-  Dev<int32_t> tokens, targets, positions, cu;
-  std::vector<int32_t> cu_host;
-  int max_doc = 0;
-  std::vector<Dev<bf16>> xs;  // (L + 1) x (N, D) residual stream
-  std::vector<Layer> layers;
-  Dev<bf16> hf;
-  Dev<float> rstdf;
-  // Backward temporaries, shared by all layers.
-  Dev<bf16> dx, dx2, dh, dtmp, datt, dq, dk, dv, dkr, dqkv, dyp, da, dgu, dxp, dlogits_bf, dhead_chunk, logits_chunk;
-  Dev<float> dw, dprobs, dlogits, ce_loss, ce_lse, scratch;
-  Dev<char> workspace;
-  size_t workspace_bytes = 0;
-};
-
-GpuDecoder::GpuDecoder(const ModelConfig& c, const ParamTable& t) : c_(c), table_(t) {
+GpuDecoder::GpuDecoder(const ModelConfig& c, const ParamTable& t, GpuDecoderOptions o)
+    : c_(c), table_(t), opt_(o), n_(size_t(t.total)) {
   MOP_CHECK(cuda::device_count() > 0, "no CUDA device");
   cuda::install_alloc_hooks();
   MOP_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  const size_t n = size_t(t.total);
-  master_ = Buffer(Device::cuda, Mem::params, n * 4);
-  weights_ = Buffer(Device::cuda, Mem::params, n * 2);
-  grads_ = Buffer(Device::cuda, Mem::grads, n * 4);
-  m_ = Buffer(Device::cuda, Mem::optimizer, n * 4);
-  v_ = Buffer(Device::cuda, Mem::optimizer, n * 4);
-  MOP_CUDA_CHECK(cudaMemsetAsync(m_.data(), 0, n * 4, stream_));
-  MOP_CUDA_CHECK(cudaMemsetAsync(v_.data(), 0, n * 4, stream_));
-  w_ = make_view<bf16>(t, c, weights_.as<bf16>());
-  g_ = make_view<float>(t, c, grads_.as<float>());
+  hi_ = Buffer(Device::cuda, Mem::params, n_ * 2);
+  lo_ = Buffer(Device::cuda, Mem::params, n_ * 2);
+  // bf16 gradients, except the LM head's: head() accumulates it over chunks of rows, so in bf16 it
+  // would be rounded once per chunk. It stays fp32 (moe-7b: 0.6 GiB more) and every gradient is
+  // rounded at most once per micro-batch.
+  const ParamSpec* headp = nullptr;
+  for (const auto& p : t.params)
+    if (p.role == ParamRole::head) headp = &p;
+  const bool head32 = opt_.bf16_grads && headp && !c.tie_embeddings && headp->offset + headp->numel == t.total;
+  n16_ = !opt_.bf16_grads ? 0 : head32 ? size_t(headp->offset) : n_;
+  grads_ = Buffer(Device::cuda, Mem::grads, opt_.bf16_grads ? n16_ * 2 : n_ * 4);
+  if (head32) {
+    head32_ = Buffer(Device::cuda, Mem::grads, size_t(headp->numel) * 4);
+    head_off_ = size_t(headp->offset);
+  }
+  m_ = Buffer(Device::cuda, Mem::optimizer, n_ * 4);
+  v_ = Buffer(Device::cuda, Mem::optimizer, n_ * 4);
+  norm2_ = Buffer(Device::cuda, Mem::workspace, 2 * sizeof(double));
+  MOP_CUDA_CHECK(cudaMemsetAsync(m_.data(), 0, n_ * 4, stream_));
+  MOP_CUDA_CHECK(cudaMemsetAsync(v_.data(), 0, n_ * 4, stream_));
+  zero_grads();
+  w_ = make_view<bf16>(t, c, hi_.as<bf16>());
+  if (opt_.bf16_grads)
+    g16_ = make_view<bf16>(t, c, grads_.as<bf16>());
+  else
+    g32_ = make_view<float>(t, c, grads_.as<float>());
+
+  // Non-trained buffers (the router bias) stay fp32 in a compact array: the router reads them as
+  // fp32 and only the host changes them.
+  int64_t nbuf = 0;
+  for (const auto& p : t.params)
+    if (!p.trainable) buffer_spans_.emplace_back(p.offset, p.numel), nbuf += p.numel;
+  buffers_ = Buffer(Device::cuda, Mem::params, size_t(std::max<int64_t>(nbuf, 1)) * 4);
+  router_bias_.assign(size_t(c.layers), nullptr);
+  int64_t at = 0;
+  for (const auto& p : t.params) {
+    if (p.trainable) continue;
+    MOP_CHECK(p.role == ParamRole::router_bias, "GpuDecoder: buffer {} is not a router bias", p.name);
+    router_bias_[size_t(p.layer)] = buffers_.as<float>() + at;
+    at += p.numel;
+  }
+
+  // AdamW over maximal runs of adjacent trainable parameters with the same decay: a handful of
+  // entries instead of one per expert matrix (the update is element-wise, so the result is the same).
+  std::vector<const ParamSpec*> ps;
+  for (const auto& p : t.params) ps.push_back(&p);
+  std::sort(ps.begin(), ps.end(), [](const ParamSpec* a, const ParamSpec* b) { return a->offset < b->offset; });
+  int64_t run_end = -1;
+  bool prev_own32 = false;
+  for (const ParamSpec* p : ps) {
+    if (!p->trainable || p->numel == 0) continue;
+    const bool own32 = head32 && p == headp;  // the fp32 head gradient: a run of its own
+    const bool extend = !own32 && !prev_own32 && !adam_runs_.empty() && run_end == p->offset &&
+                        adam_decay_.back() == p->decay;
+    prev_own32 = own32;
+    if (extend) {
+      adam_runs_.back().n += size_t(p->numel);
+    } else {
+      cuda::AdamWSplitTensor r{};
+      r.hi = hi_.as<bf16>() + p->offset;
+      r.lo = lo_.as<uint16_t>() + p->offset;
+      r.g = own32 ? head32_.data()
+                  : static_cast<const char*>(grads_.data()) + size_t(p->offset) * (opt_.bf16_grads ? 2 : 4);
+      r.m = m_.as<float>() + p->offset;
+      r.v = v_.as<float>() + p->offset;
+      r.n = size_t(p->numel);
+      adam_runs_.push_back(r);
+      adam_decay_.push_back(p->decay);
+      adam_g32_.push_back(own32 || !opt_.bf16_grads);
+    }
+    run_end = p->offset + p->numel;
+  }
+  MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
 GpuDecoder::~GpuDecoder() {
@@ -85,309 +115,213 @@ GpuDecoder::~GpuDecoder() {
 }
 
 void GpuDecoder::upload_params(const float* host) {
-  const size_t n = size_t(table_.total);
-  MOP_CUDA_CHECK(cudaMemcpyAsync(master_.data(), host, n * 4, cudaMemcpyHostToDevice, stream_));
-  cuda::cast_f32_to_bf16(weights_.as<bf16>(), master_.as<float>(), n, stream_);
+  Buffer chunk(Device::cuda, Mem::workspace, std::min(n_, kChunk) * 4);
+  for (size_t i = 0; i < n_; i += kChunk) {
+    const size_t n = std::min(kChunk, n_ - i);
+    MOP_CUDA_CHECK(cudaMemcpyAsync(chunk.data(), host + i, n * 4, cudaMemcpyHostToDevice, stream_));
+    cuda::split_master(hi_.as<bf16>() + i, lo_.as<uint16_t>() + i, chunk.as<float>(), n, stream_);
+  }
+  upload_buffers(host);  // synchronises: the chunk is freed after the last split
+}
+
+void GpuDecoder::upload_buffers(const float* host) {
+  float* dst = buffers_.as<float>();
+  for (const auto& [off, n] : buffer_spans_) {
+    MOP_CUDA_CHECK(cudaMemcpyAsync(dst, host + off, size_t(n) * 4, cudaMemcpyHostToDevice, stream_));
+    dst += n;
+  }
   MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
 void GpuDecoder::download_params(float* host) const {
-  MOP_CUDA_CHECK(cudaMemcpyAsync(host, master_.data(), size_t(table_.total) * 4, cudaMemcpyDeviceToHost, stream_));
+  Buffer chunk(Device::cuda, Mem::workspace, std::min(n_, kChunk) * 4);
+  for (size_t i = 0; i < n_; i += kChunk) {
+    const size_t n = std::min(kChunk, n_ - i);
+    cuda::merge_master(chunk.as<float>(), hi_.as<bf16>() + i, lo_.as<uint16_t>() + i, n, stream_);
+    MOP_CUDA_CHECK(cudaMemcpyAsync(host + i, chunk.data(), n * 4, cudaMemcpyDeviceToHost, stream_));
+    MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));  // the chunk is reused (and the host copy may be pageable)
+  }
+  const float* src = buffers_.as<float>();
+  for (const auto& [off, n] : buffer_spans_) {
+    MOP_CUDA_CHECK(cudaMemcpyAsync(host + off, src, size_t(n) * 4, cudaMemcpyDeviceToHost, stream_));
+    src += n;
+  }
   MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
+void GpuDecoder::upload_moments(const float* m, const float* v) {
+  MOP_CUDA_CHECK(cudaMemcpyAsync(m_.data(), m, n_ * 4, cudaMemcpyHostToDevice, stream_));
+  MOP_CUDA_CHECK(cudaMemcpyAsync(v_.data(), v, n_ * 4, cudaMemcpyHostToDevice, stream_));
+  MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void GpuDecoder::download_moments(float* m, float* v) const {
+  MOP_CUDA_CHECK(cudaMemcpyAsync(m, m_.data(), n_ * 4, cudaMemcpyDeviceToHost, stream_));
+  MOP_CUDA_CHECK(cudaMemcpyAsync(v, v_.data(), n_ * 4, cudaMemcpyDeviceToHost, stream_));
+  MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void GpuDecoder::download_grads(float* host) const {
+  if (!opt_.bf16_grads) {
+    MOP_CUDA_CHECK(cudaMemcpyAsync(host, grads_.data(), n_ * 4, cudaMemcpyDeviceToHost, stream_));
+    MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    return;
+  }
+  Buffer chunk(Device::cuda, Mem::workspace, std::min(n16_, kChunk) * 4);
+  for (size_t i = 0; i < n16_; i += kChunk) {
+    const size_t n = std::min(kChunk, n16_ - i);
+    cuda::cast_bf16_to_f32(chunk.as<float>(), grads_.as<bf16>() + i, n, stream_);
+    MOP_CUDA_CHECK(cudaMemcpyAsync(host + i, chunk.data(), n * 4, cudaMemcpyDeviceToHost, stream_));
+    MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+  if (head32_.data()) {
+    MOP_CUDA_CHECK(cudaMemcpyAsync(host + head_off_, head32_.data(), head32_.bytes(), cudaMemcpyDeviceToHost, stream_));
+    MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+}
+
 void GpuDecoder::zero_grads() {
-  MOP_CUDA_CHECK(cudaMemsetAsync(grads_.data(), 0, size_t(table_.total) * 4, stream_));
+  MOP_CUDA_CHECK(cudaMemsetAsync(grads_.data(), 0, grads_.bytes(), stream_));
+  if (head32_.data()) MOP_CUDA_CHECK(cudaMemsetAsync(head32_.data(), 0, head32_.bytes(), stream_));
+}
+
+double GpuDecoder::optimizer_step(double lr, double beta1, double beta2, double eps, double weight_decay, double clip) {
+  MOP_CHECK(acts_, "GpuDecoder::optimizer_step before any forward_backward");
+  // Buffers (the router bias) have zero gradients, so the norm over the flat array is the norm
+  // over trainable parameters.
+  double* norm2 = norm2_.as<double>();
+  MOP_CUDA_CHECK(cudaMemsetAsync(norm2, 0, 2 * sizeof(double), stream_));
+  if (opt_.bf16_grads)
+    cuda::sum_squares(norm2, grads_.as<bf16>(), n16_, acts_->scratch, stream_);
+  else
+    cuda::sum_squares(norm2, grads_.as<float>(), n_, acts_->scratch, stream_);
+  if (head32_.data()) cuda::sum_squares(norm2 + 1, head32_.as<float>(), head32_.bytes() / 4, acts_->scratch, stream_);
+  double ss[2] = {0, 0};
+  MOP_CUDA_CHECK(cudaMemcpyAsync(ss, norm2, sizeof(ss), cudaMemcpyDeviceToHost, stream_));
+  MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  const double norm = std::sqrt(ss[0] + ss[1]);
+  const double gscale = clip > 0 && norm > clip ? clip / (norm + 1e-6) : 1.0;
+
+  ++steps_;
+  cuda::AdamWArgs args{};
+  args.lr = float(lr), args.beta1 = float(beta1), args.beta2 = float(beta2), args.eps = float(eps);
+  args.weight_decay = float(weight_decay);
+  args.bias_correction1 = float(1.0 - std::pow(beta1, double(steps_)));
+  args.bias_correction2 = float(1.0 - std::pow(beta2, double(steps_)));
+  args.grad_scale = float(gscale);
+  std::vector<cuda::AdamWSplitTensor> g16, g32;  // one launch sequence per gradient dtype
+  for (size_t i = 0; i < adam_runs_.size(); ++i) {
+    adam_runs_[i].weight_decay = adam_decay_[i] ? float(weight_decay) : 0.f;
+    (adam_g32_[i] ? g32 : g16).push_back(adam_runs_[i]);
+  }
+  cuda::adamw_step_split_multi(g16.data(), int(g16.size()), /*grads_bf16=*/true, args, stream_);
+  cuda::adamw_step_split_multi(g32.data(), int(g32.size()), /*grads_bf16=*/false, args, stream_);
+  return norm;
+}
+
+void GpuDecoder::ensure_workspace(size_t bytes) {
+  Acts& a = *acts_;
+  if (bytes <= a.workspace_bytes) return;
+  MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));  // the old workspace may still be in use
+  a.workspace = Buffer();
+  a.workspace = Buffer(Device::cuda, Mem::workspace, bytes);
+  a.workspace_bytes = bytes;
 }
 
 void GpuDecoder::ensure_acts(int N) {
   if (acts_ && acts_N_ == N) return;
   acts_.reset();
-  auto a = std::make_unique<Acts>();
-  const int D = int(c_.hidden), H = int(c_.heads), KV = int(c_.kv_heads), hd = int(c_.hd()), L = int(c_.layers);
-  const int E = int(c_.experts), K = int(c_.top_k), F = int(c_.expert_ffn), V = int(c_.vocab_size);
-  const size_t Q = size_t(H) * hd, KD = size_t(KV) * hd, O = Q + 2 * KD, M = size_t(N) * K;
-  const size_t ND = size_t(N) * D;
+  auto ap = std::make_unique<Acts>();
+  Acts& a = *ap;
+  const size_t D = size_t(c_.hidden), H = size_t(c_.heads), KV = size_t(c_.kv_heads), hd = size_t(c_.hd());
+  const size_t L = size_t(c_.layers), E = size_t(c_.experts), K = size_t(c_.top_k), F = size_t(c_.expert_ffn);
+  const size_t V = size_t(c_.vocab_size), n = size_t(N);
+  const size_t Q = H * hd, KD = KV * hd, O = Q + 2 * KD, M = n * K, ND = n * D;
+  const size_t Fd = size_t(c_.dense_width()), Fs = size_t(c_.shared_width());
   const Mem A = Mem::activations, W = Mem::workspace;
-  a->N = N;
-  a->tokens = Dev<int32_t>(N, A), a->targets = Dev<int32_t>(N, A), a->positions = Dev<int32_t>(N, A);
-  a->cu = Dev<int32_t>(size_t(N) + 1, A);
-  for (int l = 0; l <= L; ++l) a->xs.emplace_back(ND, A);
-  size_t max_f = 2 * size_t(F) * M, max_a = size_t(F) * M;
-  a->layers.resize(size_t(L));
-  for (int l = 0; l < L; ++l) {
-    auto& y = a->layers[size_t(l)];
-    y.h1 = Dev<bf16>(ND, A), y.rstd1 = Dev<float>(N, A), y.qkv = Dev<bf16>(size_t(N) * O, A);
-    y.q_raw = Dev<bf16>(size_t(N) * Q, A), y.k_raw = Dev<bf16>(size_t(N) * KD, A);
-    y.q = Dev<bf16>(size_t(N) * Q, A), y.k = Dev<bf16>(size_t(N) * KD, A), y.v = Dev<bf16>(size_t(N) * KD, A);
-    y.rstd_q = Dev<float>(size_t(N) * H, A), y.rstd_k = Dev<float>(size_t(N) * KV, A);
-    y.att = Dev<bf16>(size_t(N) * Q, A), y.lse = Dev<float>(size_t(N) * H, A);
-    y.x2 = Dev<bf16>(ND, A), y.h2 = Dev<bf16>(ND, A), y.rstd2 = Dev<float>(N, A);
-    if (c_.is_moe_layer(l)) {
-      y.logits = Dev<float>(size_t(N) * E, A), y.probs = Dev<float>(size_t(N) * E, A), y.w = Dev<float>(M, A);
-      y.idx = Dev<int32_t>(M, A), y.row = Dev<int32_t>(M, A), y.offsets = Dev<int32_t>(size_t(E) + 1, A);
-      y.counts = Dev<int32_t>(E, A), y.offsets_host.assign(size_t(E) + 1, 0), y.lb = Dev<float>(1, A);
-      y.xp = Dev<bf16>(M * D, A), y.gu = Dev<bf16>(M * 2 * F, A), y.a = Dev<bf16>(M * F, A), y.yp = Dev<bf16>(M * D, A);
-      if (c_.shared_experts > 0) {
-        const size_t Fs = size_t(c_.shared_width());
-        y.sgu = Dev<bf16>(size_t(N) * 2 * Fs, A), y.sa = Dev<bf16>(size_t(N) * Fs, A);
-        max_f = std::max(max_f, 2 * Fs * N), max_a = std::max(max_a, Fs * N);
-      }
-    } else {
-      const size_t Fd = size_t(c_.dense_width());
-      y.gu = Dev<bf16>(size_t(N) * 2 * Fd, A), y.a = Dev<bf16>(size_t(N) * Fd, A);
-      max_f = std::max(max_f, 2 * Fd * N), max_a = std::max(max_a, Fd * N);
+  a.N = N;
+  a.tokens = a.alloc<int32_t>(n, A), a.targets = a.alloc<int32_t>(n, A), a.positions = a.alloc<int32_t>(n, A);
+  a.cu = a.alloc<int32_t>(n + 1, A);
+  for (size_t l = 0; l <= L; ++l) a.xs.push_back(a.alloc<bf16>(ND, A));
+
+  // The largest FFN buffers any layer needs (expert-sorted rows, dense FFN, shared experts).
+  bool any_moe = false, any_dense = false;
+  for (size_t l = 0; l < L; ++l) (c_.is_moe_layer(int64_t(l)) ? any_moe : any_dense) = true;
+  const size_t gu_max = std::max(any_moe ? M * 2 * F : 0, any_dense ? n * 2 * Fd : 0);
+  const size_t a_max = std::max(any_moe ? M * F : 0, any_dense ? n * Fd : 0);
+  const bool shared = any_moe && c_.shared_experts > 0;
+
+  // Three groups of per-layer buffers, each either this layer's own (kept for backward) or one
+  // set shared by all layers (recomputed in backward): see GpuRecompute.
+  const GpuRecompute rc = opt_.recompute;
+  const bool keep_cheap = rc == GpuRecompute::none;  // norms, QK-norm/RoPE, permuted rows, SwiGLU outputs
+  const bool keep_rest = rc != GpuRecompute::full;   // attention, GEMM outputs
+  Acts::Layer one;                                   // the shared set
+  auto alloc_cheap = [&](Acts::Layer& y, bool moe, bool dense) {
+    y.h1 = a.alloc<bf16>(ND, A), y.x2 = a.alloc<bf16>(ND, A), y.h2 = a.alloc<bf16>(ND, A);
+    y.rstd1 = a.alloc<float>(n, A), y.rstd2 = a.alloc<float>(n, A);
+    y.q = a.alloc<bf16>(n * Q, A), y.k = a.alloc<bf16>(n * KD, A);
+    y.rstd_q = a.alloc<float>(n * H, A), y.rstd_k = a.alloc<float>(n * KV, A);
+    if (moe) y.xp = a.alloc<bf16>(M * D, A);
+    y.a = a.alloc<bf16>(dense && moe ? a_max : moe ? M * F : n * Fd, A);
+    if (moe && shared) y.sa = a.alloc<bf16>(n * Fs, A);
+  };
+  auto alloc_rest = [&](Acts::Layer& y, bool moe, bool dense) {
+    y.q_raw = a.alloc<bf16>(n * Q, A), y.k_raw = a.alloc<bf16>(n * KD, A), y.v = a.alloc<bf16>(n * KD, A);
+    y.att = a.alloc<bf16>(n * Q, A), y.lse = a.alloc<float>(n * H, A);
+    if (moe) y.yp = a.alloc<bf16>(M * D, A);
+    y.gu = a.alloc<bf16>(dense && moe ? gu_max : moe ? M * 2 * F : n * 2 * Fd, A);
+    if (moe && shared) y.sgu = a.alloc<bf16>(n * 2 * Fs, A);
+  };
+  if (!keep_cheap) alloc_cheap(one, any_moe, any_dense);
+  if (!keep_rest) alloc_rest(one, any_moe, any_dense);
+  a.layers.resize(L);
+  for (size_t l = 0; l < L; ++l) {
+    Acts::Layer& y = a.layers[l];
+    const bool moe = c_.is_moe_layer(int64_t(l));
+    if (keep_cheap)
+      alloc_cheap(y, moe, !moe);
+    else
+      y.h1 = one.h1, y.x2 = one.x2, y.h2 = one.h2, y.rstd1 = one.rstd1, y.rstd2 = one.rstd2, y.q = one.q, y.k = one.k,
+      y.rstd_q = one.rstd_q, y.rstd_k = one.rstd_k, y.xp = one.xp, y.a = one.a, y.sa = one.sa;
+    if (keep_rest)
+      alloc_rest(y, moe, !moe);
+    else
+      y.q_raw = one.q_raw, y.k_raw = one.k_raw, y.v = one.v, y.att = one.att, y.lse = one.lse, y.yp = one.yp,
+      y.gu = one.gu, y.sgu = one.sgu;
+    if (moe) {
+      y.probs = a.alloc<float>(n * E, A), y.w = a.alloc<float>(M, A), y.idx = a.alloc<int32_t>(M, A);
+      y.row = a.alloc<int32_t>(M, A), y.offsets = a.alloc<int32_t>(E + 1, A), y.counts = a.alloc<int32_t>(E, A);
+      y.lb = a.alloc<float>(1, A);
+      y.offsets_host.assign(E + 1, 0);
     }
   }
-  a->hf = Dev<bf16>(ND, A), a->rstdf = Dev<float>(N, A);
-  a->dx = Dev<bf16>(ND, W), a->dx2 = Dev<bf16>(ND, W), a->dh = Dev<bf16>(ND, W), a->dtmp = Dev<bf16>(ND, W);
-  a->datt = Dev<bf16>(size_t(N) * Q, W), a->dq = Dev<bf16>(size_t(N) * Q, W), a->dk = Dev<bf16>(size_t(N) * KD, W);
-  a->dv = Dev<bf16>(size_t(N) * KD, W), a->dkr = Dev<bf16>(size_t(N) * KD, W), a->dqkv = Dev<bf16>(size_t(N) * O, W);
-  a->dyp = Dev<bf16>(M * D, W), a->da = Dev<bf16>(max_a, W), a->dgu = Dev<bf16>(max_f, W), a->dxp = Dev<bf16>(M * D, W);
-  a->dw = Dev<float>(M, W), a->dprobs = Dev<float>(size_t(N) * E, W), a->dlogits = Dev<float>(size_t(N) * E, W);
-  a->dlogits_bf = Dev<bf16>(size_t(N) * E, W);
-  const int R = std::min(N, 4096);  // head rows per chunk: R x V bf16 logits alive at once
-  a->logits_chunk = Dev<bf16>(size_t(R) * V, W);
-  a->ce_loss = Dev<float>(N, W), a->ce_lse = Dev<float>(N, W);
-  size_t scratch = std::max({cuda::rmsnorm_backward_scratch_floats(N, D),
-                             cuda::qk_norm_rope_backward_scratch_floats(N, H, hd),
-                             cuda::sum_squares_scratch_floats(size_t(table_.total))});
-  a->scratch = Dev<float>(scratch, W);
-  a->workspace_bytes = std::max({cuda::embedding_backward_workspace(N), cuda::moe_route_layout_workspace(N, E, K),
-                                 size_t(256) << 20});  // attention: cuDNN asks for at most this here
-  a->workspace = Dev<char>(a->workspace_bytes, W);
-  acts_ = std::move(a);
+  a.qkv = a.alloc<bf16>(n * O, A);
+  a.logits = a.alloc<float>(n * E, A);
+  a.hf = a.alloc<bf16>(ND, A), a.rstdf = a.alloc<float>(n, A);
+
+  a.dx = a.alloc<bf16>(ND, W), a.dx2 = a.alloc<bf16>(ND, W), a.dh = a.alloc<bf16>(ND, W);
+  a.dtmp = a.alloc<bf16>(ND, W);
+  a.datt = a.alloc<bf16>(n * Q, W), a.dq = a.alloc<bf16>(n * Q, W), a.dk = a.alloc<bf16>(n * KD, W);
+  a.dv = a.alloc<bf16>(n * KD, W), a.dkr = a.alloc<bf16>(n * KD, W), a.dqkv = a.alloc<bf16>(n * O, W);
+  const size_t gu_all = std::max(gu_max, shared ? n * 2 * Fs : 0), a_all = std::max(a_max, shared ? n * Fs : 0);
+  if (any_moe) a.dyp = a.alloc<bf16>(M * D, W), a.dxp = a.dyp;
+  a.da = a.alloc<bf16>(a_all, W), a.dgu = a.alloc<bf16>(gu_all, W);
+  a.dw = a.alloc<float>(M, W), a.dprobs = a.alloc<float>(n * E, W), a.dlogits = a.alloc<float>(n * E, W);
+  a.dlogits_bf = a.alloc<bf16>(n * E, W);
+  a.head_rows = std::min(N, 2048);  // R x V bf16 logits alive at once (0.6 GiB at V = 152K)
+  a.logits_chunk = a.alloc<bf16>(size_t(a.head_rows) * V, W);
+  a.ce_loss = a.alloc<float>(n, W), a.ce_lse = a.alloc<float>(n, W);
+  const size_t scratch =
+      std::max({cuda::rmsnorm_backward_scratch_floats(N, int(D)),
+                cuda::qk_norm_rope_backward_scratch_floats(N, int(H), int(hd)), cuda::sum_squares_scratch_floats(n_)});
+  a.scratch = a.alloc<float>(scratch, W);
+  acts_ = std::move(ap);
   acts_N_ = N;
-}
-
-namespace {
-// Rows [col, col + width) of each of N rows of `stride` elements, to/from a contiguous (N, width).
-void copy_cols(bf16* dst, size_t dst_stride, const bf16* src, size_t src_stride, int N, size_t width, cudaStream_t s) {
-  if (N == 0) return;
-  MOP_CUDA_CHECK(cudaMemcpy2DAsync(dst, dst_stride * 2, src, src_stride * 2, width * 2, size_t(N),
-                                   cudaMemcpyDeviceToDevice, s));
-}
-}  // namespace
-
-LossStats GpuDecoder::forward_backward(const TokenBatch& b, float ce_scale, float lb_scale) {
-  return run(b, ce_scale, lb_scale, true);
-}
-LossStats GpuDecoder::forward_loss(const TokenBatch& b) { return run(b, 0.f, 0.f, false); }
-
-LossStats GpuDecoder::run(const TokenBatch& b, float ce_scale, float lb_scale, bool backward) {
-  const int N = b.N, D = int(c_.hidden), H = int(c_.heads), KV = int(c_.kv_heads), hd = int(c_.hd());
-  const int L = int(c_.layers), E = int(c_.experts), K = int(c_.top_k), F = int(c_.expert_ffn), V = int(c_.vocab_size);
-  const int Q = H * hd, KD = KV * hd, O = Q + 2 * KD, M = N * K;
-  const float eps = float(c_.norm_eps);
-  const float scale = float(1.0 / std::sqrt(double(hd)));
-  cudaStream_t st = stream_;
-  ensure_acts(N);
-  Acts& a = *acts_;
-  const cpu::RouterConfig rc = router_config(c_);
-  ModelView<float> master = make_view<float>(table_, c_, master_.as<float>());
-
-  // Batch to the device. The host keeps cu_seqlens for cuDNN's maximum sequence length.
-  MOP_CUDA_CHECK(cudaMemcpyAsync(a.tokens.p(), b.tokens, size_t(N) * 4, cudaMemcpyHostToDevice, st));
-  MOP_CUDA_CHECK(cudaMemcpyAsync(a.positions.p(), b.positions, size_t(N) * 4, cudaMemcpyHostToDevice, st));
-  MOP_CUDA_CHECK(cudaMemcpyAsync(a.cu.p(), b.cu_seqlens, size_t(b.n_docs + 1) * 4, cudaMemcpyHostToDevice, st));
-  if (b.targets) MOP_CUDA_CHECK(cudaMemcpyAsync(a.targets.p(), b.targets, size_t(N) * 4, cudaMemcpyHostToDevice, st));
-  int max_doc = 0;
-  for (int d = 0; d < b.n_docs; ++d) max_doc = std::max(max_doc, b.cu_seqlens[d + 1] - b.cu_seqlens[d]);
-  for (int i = 0; i < N; ++i)
-    MOP_CHECK(b.tokens[i] >= 0 && b.tokens[i] < V, "token {} at position {} is outside the vocabulary of {}",
-              b.tokens[i], i, V);
-
-  LossStats stats;
-  stats.counts.assign(size_t(L) * E, 0);
-  cuda::embedding_forward(a.xs[0].p(), a.tokens.p(), w_.embed, N, D, V, st);
-  for (int l = 0; l < L; ++l) {
-    auto& y = a.layers[size_t(l)];
-    const LayerView<bf16>& w = w_.layers[size_t(l)];
-    const bf16* x = a.xs[size_t(l)].p();
-    bf16* out = a.xs[size_t(l) + 1].p();
-    cuda::rmsnorm_forward(y.h1.p(), y.rstd1.p(), x, w.ln1, N, D, eps, st);
-    cuda::matmul_forward(y.qkv.p(), y.h1.p(), w.wqkv, N, D, O, st);
-    copy_cols(y.q_raw.p(), Q, y.qkv.p(), O, N, Q, st);
-    copy_cols(y.k_raw.p(), KD, y.qkv.p() + Q, O, N, KD, st);
-    copy_cols(y.v.p(), KD, y.qkv.p() + Q + KD, O, N, KD, st);
-    cuda::qk_norm_rope_forward(y.q.p(), c_.qk_norm ? y.rstd_q.p() : nullptr, y.q_raw.p(), w.q_norm, a.positions.p(), N,
-                               H, hd, Q, eps, c_.rope_theta, st);
-    cuda::qk_norm_rope_forward(y.k.p(), c_.qk_norm ? y.rstd_k.p() : nullptr, y.k_raw.p(), w.k_norm, a.positions.p(),
-                               N, KV, hd, KD, eps, c_.rope_theta, st);
-    cuda::attention_forward(y.att.p(), y.lse.p(), y.q.p(), y.k.p(), y.v.p(), a.cu.p(), b.cu_seqlens, b.n_docs, max_doc,
-                            N, H, KV, hd, scale, Q, KD, a.workspace.p(), a.workspace_bytes, st);
-    cuda::matmul_forward(a.dtmp.p(), y.att.p(), w.wo, N, Q, D, st);
-    // x2 = x + o and h2 = rmsnorm(x2) in one pass.
-    cuda::rmsnorm_residual_forward(y.x2.p(), y.h2.p(), y.rstd2.p(), x, a.dtmp.p(), w.ln2, N, D, eps, st);
-
-    if (!c_.is_moe_layer(l)) {
-      const int Fd = int(c_.dense_width());
-      cuda::matmul_forward(y.gu.p(), y.h2.p(), w.w_gu, N, D, 2 * Fd, st);
-      cuda::swiglu_forward(y.a.p(), y.gu.p(), N, Fd, st);
-      cuda::matmul_forward(a.dtmp.p(), y.a.p(), w.w_down, N, Fd, D, st);
-    } else {
-      cuda::matmul_forward_f32out(y.logits.p(), y.h2.p(), w.router, N, D, E, st);
-      cuda::router_forward(y.probs.p(), y.idx.p(), y.w.p(), y.logits.p(), master.layers[size_t(l)].router_bias, rc, N,
-                           st);
-      cuda::moe_expert_counts(y.counts.p(), y.idx.p(), N, E, K, st);
-      cuda::moe_lb_loss(y.lb.p(), a.dprobs.p(), y.probs.p(), y.counts.p(), N, E, K, st);
-      cuda::moe_route_layout(y.row.p(), y.offsets.p(), y.idx.p(), N, E, K, a.workspace.p(), a.workspace_bytes, st);
-      // The one host synchronisation of the layer: the grouped GEMM takes its sizes from the host.
-      MOP_CUDA_CHECK(cudaMemcpyAsync(y.offsets_host.data(), y.offsets.p(), size_t(E + 1) * 4, cudaMemcpyDeviceToHost,
-                                     st));
-      MOP_CUDA_CHECK(cudaStreamSynchronize(st));
-      cuda::moe_permute(y.xp.p(), y.h2.p(), y.row.p(), N, K, D, st);
-      cuda::grouped_matmul_forward(y.gu.p(), y.xp.p(), w.w_gu, y.offsets.p(), y.offsets_host.data(), E, D, 2 * F, st);
-      cuda::swiglu_forward(y.a.p(), y.gu.p(), M, F, st);
-      cuda::grouped_matmul_forward(y.yp.p(), y.a.p(), w.w_down, y.offsets.p(), y.offsets_host.data(), E, F, D, st);
-      cuda::moe_combine(a.dtmp.p(), y.yp.p(), y.w.p(), y.row.p(), N, K, D, st);
-      if (c_.shared_experts > 0) {
-        const int Fs = int(c_.shared_width());
-        cuda::matmul_forward(y.sgu.p(), y.h2.p(), w.shared_gu, N, D, 2 * Fs, st);
-        cuda::swiglu_forward(y.sa.p(), y.sgu.p(), N, Fs, st);
-        cuda::matmul_forward(a.dh.p(), y.sa.p(), w.shared_down, N, Fs, D, st);
-        cuda::add_bf16(a.dtmp.p(), a.dtmp.p(), a.dh.p(), size_t(N) * D, st);
-      }
-    }
-    cuda::add_bf16(out, y.x2.p(), a.dtmp.p(), size_t(N) * D, st);
-  }
-
-  // Final norm, then the LM head and the loss a chunk of rows at a time: the N x V logits never
-  // exist whole, and the chunk's logits buffer becomes its gradient in place.
-  cuda::rmsnorm_forward(a.hf.p(), a.rstdf.p(), a.xs[size_t(L)].p(), w_.final_norm, N, D, eps, st);
-  const int R = int(a.logits_chunk.n / size_t(V));
-  if (b.targets) {
-    for (int r0 = 0; r0 < N; r0 += R) {
-      const int n = std::min(R, N - r0);
-      cuda::matmul_forward(a.logits_chunk.p(), a.hf.p() + size_t(r0) * D, w_.head, n, D, V, st);
-      cuda::cross_entropy_forward_backward(a.ce_loss.p() + r0, a.ce_lse.p() + r0,
-                                           backward ? a.logits_chunk.p() : nullptr, a.logits_chunk.p(),
-                                           a.targets.p() + r0, n, V, ce_scale, st);
-      if (backward)
-        cuda::matmul_backward(a.dh.p() + size_t(r0) * D, g_.head, a.logits_chunk.p(), a.hf.p() + size_t(r0) * D,
-                              w_.head, n, D, V, st);
-    }
-  }
-
-  if (backward) {
-    float* scratch = a.scratch.p();
-    cuda::rmsnorm_backward(a.dx.p(), g_.final_norm, a.dh.p(), a.xs[size_t(L)].p(), w_.final_norm, a.rstdf.p(), N, D,
-                           scratch, st);
-    for (int l = L - 1; l >= 0; --l) {
-      auto& y = a.layers[size_t(l)];
-      const LayerView<bf16>& w = w_.layers[size_t(l)];
-      const LayerView<float>& g = g_.layers[size_t(l)];
-      const bf16* x = a.xs[size_t(l)].p();
-      // FFN branch: out = x2 + f(h2); dx holds d(out).
-      if (!c_.is_moe_layer(l)) {
-        const int Fd = int(c_.dense_width());
-        cuda::matmul_backward(a.da.p(), g.w_down, a.dx.p(), y.a.p(), w.w_down, N, Fd, D, st);
-        cuda::swiglu_backward(a.dgu.p(), a.da.p(), y.gu.p(), N, Fd, st);
-        cuda::matmul_backward(a.dh.p(), g.w_gu, a.dgu.p(), y.h2.p(), w.w_gu, N, D, 2 * Fd, st);
-      } else {
-        cuda::moe_combine_backward(a.dyp.p(), a.dw.p(), a.dx.p(), y.yp.p(), y.w.p(), y.row.p(), N, K, D, st);
-        cuda::grouped_matmul_backward(a.da.p(), g.w_down, a.dyp.p(), y.a.p(), w.w_down, y.offsets.p(),
-                                      y.offsets_host.data(), E, F, D, st);
-        cuda::swiglu_backward(a.dgu.p(), a.da.p(), y.gu.p(), M, F, st);
-        cuda::grouped_matmul_backward(a.dxp.p(), g.w_gu, a.dgu.p(), y.xp.p(), w.w_gu, y.offsets.p(),
-                                      y.offsets_host.data(), E, D, 2 * F, st);
-        cuda::moe_permute_backward(a.dh.p(), a.dxp.p(), y.row.p(), N, K, D, st);
-        MOP_CUDA_CHECK(cudaMemsetAsync(a.dprobs.p(), 0, size_t(N) * E * 4, st));
-        if (lb_scale != 0.f) cuda::moe_lb_loss_backward(a.dprobs.p(), lb_scale, y.counts.p(), N, E, K, st);
-        cuda::router_backward(a.dlogits.p(), a.dw.p(), a.dprobs.p(), y.probs.p(), y.idx.p(), rc, N, st);
-        // The router GEMM's backward reads bf16: the fp32 logit gradients are rounded once here.
-        cuda::cast_f32_to_bf16(a.dlogits_bf.p(), a.dlogits.p(), size_t(N) * E, st);
-        cuda::matmul_backward(a.dtmp.p(), g.router, a.dlogits_bf.p(), y.h2.p(), w.router, N, D, E, st);
-        cuda::add_bf16(a.dh.p(), a.dh.p(), a.dtmp.p(), size_t(N) * D, st);
-        if (c_.shared_experts > 0) {
-          const int Fs = int(c_.shared_width());
-          cuda::matmul_backward(a.da.p(), g.shared_down, a.dx.p(), y.sa.p(), w.shared_down, N, Fs, D, st);
-          cuda::swiglu_backward(a.dgu.p(), a.da.p(), y.sgu.p(), N, Fs, st);
-          cuda::matmul_backward(a.dtmp.p(), g.shared_gu, a.dgu.p(), y.h2.p(), w.shared_gu, N, D, 2 * Fs, st);
-          cuda::add_bf16(a.dh.p(), a.dh.p(), a.dtmp.p(), size_t(N) * D, st);
-        }
-      }
-      cuda::rmsnorm_backward(a.dx2.p(), g.ln2, a.dh.p(), y.x2.p(), w.ln2, y.rstd2.p(), N, D, scratch, st);
-      cuda::add_bf16(a.dx2.p(), a.dx2.p(), a.dx.p(), size_t(N) * D, st);
-
-      // Attention branch: x2 = x + o_proj(att); dx2 holds d(x2).
-      cuda::matmul_backward(a.datt.p(), g.wo, a.dx2.p(), y.att.p(), w.wo, N, Q, D, st);
-      cuda::attention_backward(a.dq.p(), a.dk.p(), a.dv.p(), a.datt.p(), y.att.p(), y.lse.p(), y.q.p(), y.k.p(), y.v.p(),
-                               a.cu.p(), b.cu_seqlens, b.n_docs, max_doc, N, H, KV, hd, scale, Q, KD, a.workspace.p(),
-                               a.workspace_bytes, st);
-      // datt is free again: it receives dq before the norm.
-      cuda::qk_norm_rope_backward(a.datt.p(), g.q_norm, a.dq.p(), y.q_raw.p(), w.q_norm,
-                                  c_.qk_norm ? y.rstd_q.p() : nullptr, a.positions.p(), N, H, hd, Q, c_.rope_theta,
-                                  scratch, st);
-      cuda::qk_norm_rope_backward(a.dkr.p(), g.k_norm, a.dk.p(), y.k_raw.p(), w.k_norm,
-                                  c_.qk_norm ? y.rstd_k.p() : nullptr, a.positions.p(), N, KV, hd, KD, c_.rope_theta,
-                                  scratch, st);
-      copy_cols(a.dqkv.p(), O, a.datt.p(), Q, N, Q, st);
-      copy_cols(a.dqkv.p() + Q, O, a.dkr.p(), KD, N, KD, st);
-      copy_cols(a.dqkv.p() + Q + KD, O, a.dv.p(), KD, N, KD, st);
-      cuda::matmul_backward(a.dh.p(), g.wqkv, a.dqkv.p(), y.h1.p(), w.wqkv, N, D, O, st);
-      cuda::rmsnorm_backward(a.dx.p(), g.ln1, a.dh.p(), x, w.ln1, y.rstd1.p(), N, D, scratch, st);
-      cuda::add_bf16(a.dx.p(), a.dx.p(), a.dx2.p(), size_t(N) * D, st);
-    }
-    cuda::embedding_backward(g_.embed, a.dx.p(), a.tokens.p(), N, D, V, a.workspace.p(), a.workspace_bytes, st);
-  }
-
-  // Statistics back to the host (one synchronisation at the end of the micro-batch).
-  std::vector<float> loss(b.targets ? size_t(N) : 0);
-  if (b.targets) MOP_CUDA_CHECK(cudaMemcpyAsync(loss.data(), a.ce_loss.p(), size_t(N) * 4, cudaMemcpyDeviceToHost, st));
-  std::vector<float> lb(size_t(L), 0.f);
-  std::vector<int32_t> counts(size_t(L) * E, 0);
-  for (int l = 0; l < L; ++l) {
-    if (!c_.is_moe_layer(l)) continue;
-    auto& y = a.layers[size_t(l)];
-    MOP_CUDA_CHECK(cudaMemcpyAsync(&lb[size_t(l)], y.lb.p(), 4, cudaMemcpyDeviceToHost, st));
-    MOP_CUDA_CHECK(cudaMemcpyAsync(&counts[size_t(l) * E], y.counts.p(), size_t(E) * 4, cudaMemcpyDeviceToHost, st));
-  }
-  MOP_CUDA_CHECK(cudaStreamSynchronize(st));
-  for (int i = 0; i < int(loss.size()); ++i) {
-    stats.ce_sum += double(loss[size_t(i)]);
-    stats.ce_tokens += b.targets[i] >= 0;
-  }
-  for (int l = 0; l < L; ++l) stats.lb_sum += double(lb[size_t(l)]);
-  for (size_t i = 0; i < counts.size(); ++i) stats.counts[i] = counts[i];
-  return stats;
-}
-
-double GpuDecoder::optimizer_step(double lr, double beta1, double beta2, double eps, double weight_decay, double clip,
-                                  int64_t step) {
-  Acts& a = *acts_;
-  const size_t n = size_t(table_.total);
-  // Buffers (the router bias) have zero gradients, so the norm over the flat array is the norm
-  // over trainable parameters.
-  Dev<double> norm2(1, Mem::workspace);
-  cuda::sum_squares(norm2.p(), grads_.as<float>(), n, a.scratch.p(), stream_);
-  double ss = 0;
-  MOP_CUDA_CHECK(cudaMemcpyAsync(&ss, norm2.p(), 8, cudaMemcpyDeviceToHost, stream_));
-  MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  const double norm = std::sqrt(ss);
-  const double gscale = clip > 0 && norm > clip ? clip / (norm + 1e-6) : 1.0;
-
-  cuda::AdamWArgs args{};
-  args.lr = float(lr), args.beta1 = float(beta1), args.beta2 = float(beta2), args.eps = float(eps);
-  args.weight_decay = float(weight_decay);
-  args.bias_correction1 = float(1.0 - std::pow(beta1, double(step)));
-  args.bias_correction2 = float(1.0 - std::pow(beta2, double(step)));
-  args.grad_scale = float(gscale);
-  std::vector<cuda::AdamWTensor> tensors;
-  for (const auto& p : table_.params) {
-    if (!p.trainable) continue;
-    cuda::AdamWTensor t{};
-    t.p = master_.as<float>() + p.offset;
-    t.g = grads_.as<float>() + p.offset;
-    t.m = m_.as<float>() + p.offset;
-    t.v = v_.as<float>() + p.offset;
-    t.p_bf16 = weights_.as<bf16>() + p.offset;
-    t.n = size_t(p.numel);
-    t.weight_decay = p.decay ? float(weight_decay) : 0.f;
-    tensors.push_back(t);
-  }
-  cuda::adamw_step_multi(tensors.data(), int(tensors.size()), args, stream_);
-  return norm;
+  // Attention asks for its own size per shape (run); this covers embedding and routing, and
+  // attention at the shapes seen so far.
+  ensure_workspace(std::max(
+      {cuda::embedding_backward_workspace(N), cuda::moe_route_layout_workspace(N, int(E), int(K)), size_t(256) << 20}));
 }
 
 }  // namespace mop

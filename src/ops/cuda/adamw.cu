@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "ops/cuda/check.cuh"
+#include "ops/cuda/split_f32.cuh"
 
 namespace mop::cuda {
 
@@ -32,6 +33,23 @@ struct MultiParams {
   float lr, b1, b2, one_minus_b1, one_minus_b2, eps, bc1, bc2, gs;
 };
 
+struct SplitEntry {
+  uint16_t* hi;
+  uint16_t* lo;
+  const void* g;
+  float* m;
+  float* v;
+  size_t n;
+  float decay;
+  int vec;  // hi, lo, g 8-byte aligned, m and v 16-byte aligned
+};
+struct SplitParams {
+  SplitEntry t[kMaxTensors];
+  int block_start[kMaxTensors + 1];
+  int count;
+  float lr, b1, b2, one_minus_b1, one_minus_b2, eps, bc1, bc2, gs;
+};
+
 constexpr int kSumThreads = 256;
 constexpr int kSumMaxBlocks = 1024;
 int sum_blocks(size_t n) {
@@ -42,8 +60,8 @@ int sum_blocks(size_t n) {
 
 // The CPU op's expression, each operation rounded separately (the _rn intrinsics are never fused
 // into FMAs), so the result is bit-identical to cpu::adamw_step.
-static __device__ __forceinline__ void adam_update(float& p, float g, float& m, float& v, const MultiParams& a,
-                                                   float decay) {
+template <class P>
+static __device__ __forceinline__ void adam_update(float& p, float g, float& m, float& v, const P& a, float decay) {
   const float gi = __fmul_rn(g, a.gs);
   p = __fmul_rn(p, decay);
   m = __fadd_rn(__fmul_rn(a.b1, m), __fmul_rn(a.one_minus_b1, gi));
@@ -91,13 +109,70 @@ static __global__ void __launch_bounds__(kThreads) adamw_multi_kernel(const __gr
   }
 }
 
+template <class G> static __device__ __forceinline__ float4 load4(const G* g) {
+  if constexpr (sizeof(G) == 4) {
+    return *reinterpret_cast<const float4*>(g);
+  } else {
+    const uint2 u = *reinterpret_cast<const uint2*>(g);
+    const float2 a = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(&u)[0]);
+    const float2 b = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(&u)[1]);
+    return make_float4(a.x, a.y, b.x, b.y);
+  }
+}
+template <class G> static __device__ __forceinline__ float load1(const G* g) {
+  if constexpr (sizeof(G) == 4) return *g;
+  else return __bfloat162float(*g);
+}
+
+// adamw_multi_kernel's walk over the tensors, on (hi, lo) instead of p and p_bf16.
+template <class G>
+static __global__ void __launch_bounds__(kThreads) adamw_split_kernel(const __grid_constant__ SplitParams a) {
+  const int b = blockIdx.x;
+  int ti = 0;
+  while (ti + 1 < a.count && a.block_start[ti + 1] <= b) ++ti;
+  const SplitEntry& t = a.t[ti];
+  const G* g = static_cast<const G*>(t.g);
+  const size_t begin = size_t(b - a.block_start[ti]) * kChunk;
+  const size_t end = t.n < begin + kChunk ? t.n : begin + kChunk;
+  size_t scalar_from = begin;
+  if (t.vec) {
+    const size_t end4 = begin + (end - begin) / 4 * 4;
+    for (size_t i = begin + 4 * threadIdx.x; i < end4; i += 4 * kThreads) {
+      uint2 hi = *reinterpret_cast<const uint2*>(t.hi + i), lo = *reinterpret_cast<const uint2*>(t.lo + i);
+      const float4 gv = load4(g + i);
+      float4 m = *reinterpret_cast<const float4*>(t.m + i);
+      float4 v = *reinterpret_cast<const float4*>(t.v + i);
+      uint16_t* h = reinterpret_cast<uint16_t*>(&hi);
+      uint16_t* l = reinterpret_cast<uint16_t*>(&lo);
+      float p[4] = {merge_f32(h[0], l[0]), merge_f32(h[1], l[1]), merge_f32(h[2], l[2]), merge_f32(h[3], l[3])};
+      adam_update(p[0], gv.x, m.x, v.x, a, t.decay);
+      adam_update(p[1], gv.y, m.y, v.y, a, t.decay);
+      adam_update(p[2], gv.z, m.z, v.z, a, t.decay);
+      adam_update(p[3], gv.w, m.w, v.w, a, t.decay);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) split_f32(p[k], h[k], l[k]);
+      *reinterpret_cast<uint2*>(t.hi + i) = hi;
+      *reinterpret_cast<uint2*>(t.lo + i) = lo;
+      *reinterpret_cast<float4*>(t.m + i) = m;
+      *reinterpret_cast<float4*>(t.v + i) = v;
+    }
+    scalar_from = end4;
+  }
+  for (size_t i = scalar_from + threadIdx.x; i < end; i += kThreads) {
+    float p = merge_f32(t.hi[i], t.lo[i]), m = t.m[i], v = t.v[i];
+    adam_update(p, load1(g + i), m, v, a, t.decay);
+    split_f32(p, t.hi[i], t.lo[i]);
+    t.m[i] = m, t.v[i] = v;
+  }
+}
+
 // Grid-stride fp64 partial per block (fixed grid for a given n), tree-reduced in shared memory.
-static __global__ void __launch_bounds__(kSumThreads) sum_squares_partial_kernel(double* part_B, const float* g,
-                                                                                 size_t n) {
+template <class G>
+static __global__ void __launch_bounds__(kSumThreads) sum_squares_partial_kernel(double* part_B, const G* g, size_t n) {
   __shared__ double sh[kSumThreads];
   double s = 0;
   for (size_t i = size_t(blockIdx.x) * kSumThreads + threadIdx.x; i < n; i += size_t(gridDim.x) * kSumThreads) {
-    const double x = g[i];
+    const double x = load1(g + i);
     s += x * x;
   }
   sh[threadIdx.x] = s;
@@ -165,7 +240,8 @@ void adamw_step(float* p, const float* g, float* m, float* v, bf16* p_bf16, size
 
 size_t sum_squares_scratch_floats(size_t n) { return 2 * size_t(sum_blocks(n)); }  // one double per block
 
-void sum_squares(double* out_1, const float* g, size_t n, float* scratch, cudaStream_t stream) {
+template <class G> static void sum_squares_impl(double* out_1, const G* g, size_t n, float* scratch,
+                                                cudaStream_t stream) {
   if (n == 0) {
     MOP_CUDA_CHECK(cudaMemsetAsync(out_1, 0, sizeof(double), stream));
     return;
@@ -178,6 +254,49 @@ void sum_squares(double* out_1, const float* g, size_t n, float* scratch, cudaSt
   MOP_CUDA_LAUNCH_CHECK();
   sum_partials_kernel<<<1, kSumThreads, 0, stream>>>(out_1, part, B);
   MOP_CUDA_LAUNCH_CHECK();
+}
+
+void sum_squares(double* out_1, const float* g, size_t n, float* scratch, cudaStream_t stream) {
+  sum_squares_impl(out_1, g, n, scratch, stream);
+}
+void sum_squares(double* out_1, const bf16* g, size_t n, float* scratch, cudaStream_t stream) {
+  sum_squares_impl(out_1, g, n, scratch, stream);
+}
+
+void adamw_step_split_multi(const AdamWSplitTensor* tensors_host, int count, bool grads_bf16, const AdamWArgs& a,
+                            cudaStream_t stream) {
+  MOP_CHECK(count >= 0 && (count == 0 || tensors_host), "adamw_step_split_multi: bad tensor table (count={})", count);
+  MOP_CHECK(a.bias_correction1 > 0 && a.bias_correction2 > 0, "adamw: bias corrections must be > 0, got {} and {}",
+            a.bias_correction1, a.bias_correction2);
+  SplitParams params{};
+  params.lr = a.lr, params.b1 = a.beta1, params.b2 = a.beta2, params.eps = a.eps;
+  params.one_minus_b1 = 1.0f - a.beta1, params.one_minus_b2 = 1.0f - a.beta2;
+  params.bc1 = a.bias_correction1, params.bc2 = a.bias_correction2, params.gs = a.grad_scale;
+  int64_t blocks = 0;
+  const auto launch = [&] {
+    if (params.count == 0) return;
+    params.block_start[params.count] = int(blocks);
+    if (grads_bf16) adamw_split_kernel<bf16><<<unsigned(blocks), kThreads, 0, stream>>>(params);
+    else adamw_split_kernel<float><<<unsigned(blocks), kThreads, 0, stream>>>(params);
+    MOP_CUDA_LAUNCH_CHECK();
+    params.count = 0, blocks = 0;
+  };
+  const size_t gsize = grads_bf16 ? 2 : 4;
+  for (int i = 0; i < count; ++i) {
+    const AdamWSplitTensor& t = tensors_host[i];
+    if (t.n == 0) continue;
+    MOP_CHECK(t.hi && t.lo && t.g && t.m && t.v, "adamw_step_split_multi: null pointer in tensor {}", i);
+    const int64_t tb = int64_t((t.n + kChunk - 1) / kChunk);
+    MOP_CHECK(tb < (int64_t(1) << 30), "adamw_step_split_multi: tensor {} of {} elements too large", i, t.n);
+    if (params.count == kMaxTensors || blocks + tb >= (int64_t(1) << 31)) launch();
+    SplitEntry& e = params.t[params.count];
+    e = {reinterpret_cast<uint16_t*>(t.hi), t.lo, t.g, t.m, t.v, t.n,
+         float(1.0 - double(a.lr) * double(t.weight_decay)), 0};
+    e.vec = aligned(t.hi, 8) && aligned(t.lo, 8) && aligned(t.g, 4 * gsize) && aligned(t.m, 16) && aligned(t.v, 16);
+    params.block_start[params.count++] = int(blocks);
+    blocks += tb;
+  }
+  launch();
 }
 
 }  // namespace mop::cuda

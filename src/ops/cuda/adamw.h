@@ -4,6 +4,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
+#include <cstdint>
 
 namespace mop::cuda {
 
@@ -36,10 +37,27 @@ struct AdamWTensor {
 // tensor table travels in the kernel's parameters, so nothing is copied or synchronised.
 void adamw_step_multi(const AdamWTensor* tensors_host, int count, const AdamWArgs& a, cudaStream_t stream);
 
+// The same update on split master weights (ops/cuda/split_f32.cuh): p is the pair (hi, lo), merged
+// exactly to fp32, updated, and split again, so p is bit-identical to adamw_step's and hi is the
+// bf16 compute copy. The gradient is fp32 or bf16 (one type per call). 26 bytes of memory traffic
+// per parameter with bf16 gradients (adamw_step with its bf16 copy: 30).
+struct AdamWSplitTensor {
+  __nv_bfloat16* hi;
+  uint16_t* lo;
+  const void* g;  // const float* or const __nv_bfloat16*, per grads_bf16
+  float* m;
+  float* v;
+  size_t n;
+  float weight_decay;
+};
+void adamw_step_split_multi(const AdamWSplitTensor* tensors_host, int count, bool grads_bf16, const AdamWArgs& a,
+                            cudaStream_t stream);
+
 // out_1[0] (device) = sum of g[i]^2 in fp64. Deterministic: a grid that depends on n only, fp64
 // per-block partials in scratch, then one block adds them in a fixed order. scratch must hold
 // sum_squares_scratch_floats(n) floats and be 8-byte aligned.
 size_t sum_squares_scratch_floats(size_t n);
 void sum_squares(double* out_1, const float* g, size_t n, float* scratch, cudaStream_t stream);
+void sum_squares(double* out_1, const __nv_bfloat16* g, size_t n, float* scratch, cudaStream_t stream);
 
 }  // namespace mop::cuda

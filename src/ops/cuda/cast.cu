@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "ops/cuda/check.cuh"
+#include "ops/cuda/split_f32.cuh"
 
 namespace mop::cuda {
 
@@ -61,7 +62,31 @@ __global__ void bf16_to_f32_kernel(float* out, const __nv_bfloat16* in, size_t n
   for (size_t j = done + i; j < n; j += stride) out[j] = __bfloat162float(in[j]);
 }
 
+// Scalar loops: these run at upload and checkpoint time only, a chunk at a time.
+__global__ void split_kernel(uint16_t* hi, uint16_t* lo, const float* in, size_t n) {
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    split_f32(in[i], hi[i], lo[i]);
+}
+__global__ void merge_kernel(float* out, const uint16_t* hi, const uint16_t* lo, size_t n) {
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    out[i] = merge_f32(hi[i], lo[i]);
+}
+
 }  // namespace
+
+void split_master(__nv_bfloat16* hi, uint16_t* lo, const float* in, size_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  MOP_CHECK(hi && lo && in, "split_master: null pointer");
+  split_kernel<<<grid_for(n), kThreads, 0, stream>>>(reinterpret_cast<uint16_t*>(hi), lo, in, n);
+  MOP_CUDA_LAUNCH_CHECK();
+}
+
+void merge_master(float* out, const __nv_bfloat16* hi, const uint16_t* lo, size_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  MOP_CHECK(out && hi && lo, "merge_master: null pointer");
+  merge_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, reinterpret_cast<const uint16_t*>(hi), lo, n);
+  MOP_CUDA_LAUNCH_CHECK();
+}
 
 void cast_f32_to_bf16(__nv_bfloat16* out, const float* in, size_t n, cudaStream_t stream) {
   if (n == 0) return;

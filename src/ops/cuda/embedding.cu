@@ -60,8 +60,35 @@ template <bool kVec> __device__ inline float2 load2(const __nv_bfloat16* src, bo
   return make_float2(__bfloat162float(src[0]), has2 ? __bfloat162float(src[1]) : 0.f);
 }
 
-template <bool kVec>
-__global__ void accumulate_runs_kernel(float* dwte_VD, const __nv_bfloat16* dout_ND, const uint32_t* keys_sorted_N,
+// dwte as T: float, or bf16 (read, summed in fp32, rounded once on the store).
+template <class T> __device__ __forceinline__ float2 load_dst(const T* dst, bool vec, bool has2) {
+  if constexpr (sizeof(T) == 4) {
+    return vec ? *reinterpret_cast<const float2*>(dst) : make_float2(dst[0], has2 ? dst[1] : 0.f);
+  } else {
+    return vec ? __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(dst))
+               : make_float2(__bfloat162float(dst[0]), has2 ? __bfloat162float(dst[1]) : 0.f);
+  }
+}
+template <class T> __device__ __forceinline__ void store_dst(T* dst, float2 acc, bool vec, bool has2) {
+  if constexpr (sizeof(T) == 4) {
+    if (vec) {
+      *reinterpret_cast<float2*>(dst) = acc;
+    } else {
+      dst[0] = acc.x;
+      if (has2) dst[1] = acc.y;
+    }
+  } else {
+    if (vec) {
+      *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(acc.x, acc.y);
+    } else {
+      dst[0] = __float2bfloat16_rn(acc.x);
+      if (has2) dst[1] = __float2bfloat16_rn(acc.y);
+    }
+  }
+}
+
+template <bool kVec, class T>
+__global__ void accumulate_runs_kernel(T* dwte_VD, const __nv_bfloat16* dout_ND, const uint32_t* keys_sorted_N,
                                        const int32_t* pos_sorted_N, int N, int D, int V) {
   const int i = blockIdx.x;
   const uint32_t key = keys_sorted_N[i];
@@ -70,8 +97,8 @@ __global__ void accumulate_runs_kernel(float* dwte_VD, const __nv_bfloat16* dout
   const int d = blockIdx.y * kRunCols + 2 * threadIdx.x;  // this thread's columns d, d + 1
   if (d >= D) return;
   const bool has2 = d + 1 < D;  // always true on the kVec path (D even)
-  float* dst = dwte_VD + size_t(key) * D + d;
-  float2 acc = kVec ? *reinterpret_cast<const float2*>(dst) : make_float2(dst[0], has2 ? dst[1] : 0.f);
+  T* dst = dwte_VD + size_t(key) * D + d;
+  float2 acc = load_dst(dst, kVec, has2);
   for (int j0 = i;; j0 += kUnroll) {
     // Sorted keys: the rows still in the run form a prefix of this batch.
     float2 x[kUnroll];
@@ -87,12 +114,7 @@ __global__ void accumulate_runs_kernel(float* dwte_VD, const __nv_bfloat16* dout
       if (in_run[u]) acc.x += x[u].x, acc.y += x[u].y;
     if (!in_run[kUnroll - 1]) break;
   }
-  if (kVec) {
-    *reinterpret_cast<float2*>(dst) = acc;
-  } else {
-    dst[0] = acc.x;
-    if (has2) dst[1] = acc.y;
-  }
+  store_dst(dst, acc, kVec, has2);
 }
 
 // Workspace layout: keys and positions, each double-buffered for cub, then cub's temp storage.
@@ -140,8 +162,10 @@ size_t embedding_backward_workspace(int N) {
   return layout(N, cub_temp_bytes(N, 32)).total;
 }
 
-void embedding_backward(float* dwte_VD, const __nv_bfloat16* dout_ND, const int32_t* tokens_N, int N, int D, int V,
-                        void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+namespace {
+template <class T>
+void backward_impl(T* dwte_VD, const __nv_bfloat16* dout_ND, const int32_t* tokens_N, int N, int D, int V,
+                   void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   MOP_CHECK(N >= 0 && D >= 0 && V > 0, "embedding_backward: bad shape N={} D={} V={}", N, D, V);
   if (N == 0 || D == 0) return;
   MOP_CHECK(dwte_VD && dout_ND && tokens_N && workspace, "embedding_backward: null pointer");
@@ -173,7 +197,7 @@ void embedding_backward(float* dwte_VD, const __nv_bfloat16* dout_ND, const int3
   MOP_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(ws + l.temp, temp_avail, keys, pos, N, 0, end_bit, stream));
 
   const dim3 grid(unsigned(N), unsigned((D + kRunCols - 1) / kRunCols));
-  if (D % 2 == 0 && aligned(dwte_VD, 8) && aligned(dout_ND, 4)) {
+  if (D % 2 == 0 && aligned(dwte_VD, 2 * sizeof(T)) && aligned(dout_ND, 4)) {
     accumulate_runs_kernel<true><<<grid, kRunThreads, 0, stream>>>(dwte_VD, dout_ND, keys.Current(), pos.Current(),
                                                                    N, D, V);
   } else {
@@ -181,6 +205,18 @@ void embedding_backward(float* dwte_VD, const __nv_bfloat16* dout_ND, const int3
                                                                     pos.Current(), N, D, V);
   }
   MOP_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void embedding_backward(float* dwte_VD, const __nv_bfloat16* dout_ND, const int32_t* tokens_N, int N, int D, int V,
+                        void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  backward_impl(dwte_VD, dout_ND, tokens_N, N, D, V, workspace, workspace_bytes, stream);
+}
+
+void embedding_backward(__nv_bfloat16* dwte_VD, const __nv_bfloat16* dout_ND, const int32_t* tokens_N, int N, int D,
+                        int V, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  backward_impl(dwte_VD, dout_ND, tokens_N, N, D, V, workspace, workspace_bytes, stream);
 }
 
 }  // namespace mop::cuda

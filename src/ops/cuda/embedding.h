@@ -24,5 +24,8 @@ size_t embedding_backward_workspace(int N);
 // workspace must hold embedding_backward_workspace(N) bytes (256-byte aligned, as cudaMalloc gives).
 void embedding_backward(float* dwte_VD, const __nv_bfloat16* dout_ND, const int32_t* tokens_N, int N, int D, int V,
                         void* workspace, size_t workspace_bytes, cudaStream_t stream);
+// Same with a bf16 dwte: each touched row is summed in fp32 from its stored value and rounded once.
+void embedding_backward(__nv_bfloat16* dwte_VD, const __nv_bfloat16* dout_ND, const int32_t* tokens_N, int N, int D,
+                        int V, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
 }  // namespace mop::cuda

@@ -120,9 +120,13 @@ void grouped_matmul_forward(__nv_bfloat16* y_MO, const __nv_bfloat16* x_MI, cons
   cublas_grouped(experts, offsets_E1_host, /*transa=*/true, O, I, /*lda=*/I, /*ldb=*/I, /*ldc=*/O, ptrs, E, stream);
 }
 
-void grouped_matmul_backward(__nv_bfloat16* dx_MI, float* dw_EOI, const __nv_bfloat16* dy_MO,
-                             const __nv_bfloat16* x_MI, const __nv_bfloat16* w_EOI, const int32_t* offsets_E1_device,
-                             const int32_t* offsets_E1_host, int E, int I, int O, cudaStream_t stream) {
+namespace {
+template <class T> cudaDataType_t data_type() { return sizeof(T) == 4 ? CUDA_R_32F : CUDA_R_16BF; }
+
+template <class T>
+void backward_impl(__nv_bfloat16* dx_MI, T* dw_EOI, const __nv_bfloat16* dy_MO, const __nv_bfloat16* x_MI,
+                   const __nv_bfloat16* w_EOI, const int32_t* offsets_E1_device, const int32_t* offsets_E1_host, int E,
+                   int I, int O, cudaStream_t stream) {
   const std::vector<int> experts = nonempty_experts("grouped_matmul_backward", offsets_E1_host, E, I, O);
   if (experts.empty()) return;
   if (use_cutlass(I, O)) {
@@ -152,9 +156,23 @@ void grouped_matmul_backward(__nv_bfloat16* dx_MI, float* dw_EOI, const __nv_bfl
       const int r0 = offsets_E1_host[e], rows = offsets_E1_host[e + 1] - r0;
       MOP_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_T, I, O, rows, &one, x_MI + size_t(r0) * I, CUDA_R_16BF,
                                     I, dy_MO + size_t(r0) * O, CUDA_R_16BF, O, &one, dw_EOI + size_t(e) * O * I,
-                                    CUDA_R_32F, I, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                                    data_type<T>(), I, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     }
   }
+}
+
+}  // namespace
+
+void grouped_matmul_backward(__nv_bfloat16* dx_MI, float* dw_EOI, const __nv_bfloat16* dy_MO,
+                             const __nv_bfloat16* x_MI, const __nv_bfloat16* w_EOI, const int32_t* offsets_E1_device,
+                             const int32_t* offsets_E1_host, int E, int I, int O, cudaStream_t stream) {
+  backward_impl(dx_MI, dw_EOI, dy_MO, x_MI, w_EOI, offsets_E1_device, offsets_E1_host, E, I, O, stream);
+}
+
+void grouped_matmul_backward(__nv_bfloat16* dx_MI, __nv_bfloat16* dw_EOI, const __nv_bfloat16* dy_MO,
+                             const __nv_bfloat16* x_MI, const __nv_bfloat16* w_EOI, const int32_t* offsets_E1_device,
+                             const int32_t* offsets_E1_host, int E, int I, int O, cudaStream_t stream) {
+  backward_impl(dx_MI, dw_EOI, dy_MO, x_MI, w_EOI, offsets_E1_device, offsets_E1_host, E, I, O, stream);
 }
 
 }  // namespace mop::cuda

@@ -9,6 +9,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace mop::cuda {
@@ -30,5 +31,17 @@ void grouped_matmul_forward(__nv_bfloat16* y_MO, const __nv_bfloat16* x_MI, cons
 void grouped_matmul_backward(__nv_bfloat16* dx_MI, float* dw_EOI, const __nv_bfloat16* dy_MO,
                              const __nv_bfloat16* x_MI, const __nv_bfloat16* w_EOI, const int32_t* offsets_E1_device,
                              const int32_t* offsets_E1_host, int E, int I, int O, cudaStream_t stream);
+// Same with bf16 weight gradients: dw_e = bf16(dw_e + dy_e^T @ x_e), the sum in fp32, rounded once.
+void grouped_matmul_backward(__nv_bfloat16* dx_MI, __nv_bfloat16* dw_EOI, const __nv_bfloat16* dy_MO,
+                             const __nv_bfloat16* x_MI, const __nv_bfloat16* w_EOI, const int32_t* offsets_E1_device,
+                             const int32_t* offsets_E1_host, int E, int I, int O, cudaStream_t stream);
+// dx only (dw = nullptr picks no overload above by itself).
+inline void grouped_matmul_backward(__nv_bfloat16* dx_MI, std::nullptr_t, const __nv_bfloat16* dy_MO,
+                                    const __nv_bfloat16* x_MI, const __nv_bfloat16* w_EOI,
+                                    const int32_t* offsets_E1_device, const int32_t* offsets_E1_host, int E, int I,
+                                    int O, cudaStream_t stream) {
+  grouped_matmul_backward(dx_MI, static_cast<float*>(nullptr), dy_MO, x_MI, w_EOI, offsets_E1_device,
+                          offsets_E1_host, E, I, O, stream);
+}
 
 }  // namespace mop::cuda

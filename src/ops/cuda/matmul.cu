@@ -25,24 +25,8 @@ void forward(void* y, cudaDataType_t y_type, const __nv_bfloat16* x, const __nv_
   blas_handle().gemm(g, w, x, y, 0.f, stream);
 }
 
-}  // namespace
-
-void matmul_forward(__nv_bfloat16* y_NO, const __nv_bfloat16* x_NI, const __nv_bfloat16* w_OI, int N, int I, int O,
-                    cudaStream_t stream) {
-  check_shapes("matmul_forward", N, I, O);
-  if (N == 0) return;
-  forward(y_NO, CUDA_R_16BF, x_NI, w_OI, N, I, O, stream);
-}
-
-void matmul_forward_f32out(float* y_NO, const __nv_bfloat16* x_NI, const __nv_bfloat16* w_OI, int N, int I, int O,
-                           cudaStream_t stream) {
-  check_shapes("matmul_forward_f32out", N, I, O);
-  if (N == 0) return;
-  forward(y_NO, CUDA_R_32F, x_NI, w_OI, N, I, O, stream);
-}
-
-void matmul_backward(__nv_bfloat16* dx_NI, float* dw_OI, const __nv_bfloat16* dy_NO, const __nv_bfloat16* x_NI,
-                     const __nv_bfloat16* w_OI, int N, int I, int O, cudaStream_t stream) {
+void backward(__nv_bfloat16* dx_NI, void* dw_OI, cudaDataType_t dw_type, const __nv_bfloat16* dy_NO,
+              const __nv_bfloat16* x_NI, const __nv_bfloat16* w_OI, int N, int I, int O, cudaStream_t stream) {
   check_shapes("matmul_backward", N, I, O);
   if (N == 0) return;
   BlasHandle& h = blas_handle();
@@ -61,9 +45,35 @@ void matmul_backward(__nv_bfloat16* dx_NI, float* dw_OI, const __nv_bfloat16* dy
     g.transa = false, g.transb = true;
     g.m = I, g.n = O, g.k = N;
     g.lda = I, g.ldb = O, g.ldc = I;
-    g.a_type = CUDA_R_16BF, g.b_type = CUDA_R_16BF, g.c_type = CUDA_R_32F;
+    g.a_type = CUDA_R_16BF, g.b_type = CUDA_R_16BF, g.c_type = dw_type;
     h.gemm(g, x_NI, dy_NO, dw_OI, 1.f, stream);
   }
+}
+
+}  // namespace
+
+void matmul_forward(__nv_bfloat16* y_NO, const __nv_bfloat16* x_NI, const __nv_bfloat16* w_OI, int N, int I, int O,
+                    cudaStream_t stream) {
+  check_shapes("matmul_forward", N, I, O);
+  if (N == 0) return;
+  forward(y_NO, CUDA_R_16BF, x_NI, w_OI, N, I, O, stream);
+}
+
+void matmul_forward_f32out(float* y_NO, const __nv_bfloat16* x_NI, const __nv_bfloat16* w_OI, int N, int I, int O,
+                           cudaStream_t stream) {
+  check_shapes("matmul_forward_f32out", N, I, O);
+  if (N == 0) return;
+  forward(y_NO, CUDA_R_32F, x_NI, w_OI, N, I, O, stream);
+}
+
+void matmul_backward(__nv_bfloat16* dx_NI, float* dw_OI, const __nv_bfloat16* dy_NO, const __nv_bfloat16* x_NI,
+                     const __nv_bfloat16* w_OI, int N, int I, int O, cudaStream_t stream) {
+  backward(dx_NI, dw_OI, CUDA_R_32F, dy_NO, x_NI, w_OI, N, I, O, stream);
+}
+
+void matmul_backward(__nv_bfloat16* dx_NI, __nv_bfloat16* dw_OI, const __nv_bfloat16* dy_NO,
+                     const __nv_bfloat16* x_NI, const __nv_bfloat16* w_OI, int N, int I, int O, cudaStream_t stream) {
+  backward(dx_NI, dw_OI, CUDA_R_16BF, dy_NO, x_NI, w_OI, N, I, O, stream);
 }
 
 }  // namespace mop::cuda

@@ -154,7 +154,7 @@ __global__ void rmsnorm_backward_kernel(__nv_bfloat16* dx_ND, float* partial_GD,
 
 // dw[d] += sum_g partial[g, d]: thread (x, y) sums rows g = y, y + kSumGroups, ... of column d,
 // then the kSumGroups sums are added in order of y. Fixed order: deterministic.
-__global__ void add_partials_kernel(float* dw_D, const float* partial_GD, int G, int D) {
+template <class T> __global__ void add_partials_kernel(T* dw_D, const float* partial_GD, int G, int D) {
   __shared__ float sums[kSumGroups][kSumCols];
   const int d = blockIdx.x * kSumCols + threadIdx.x;
   float s = 0.f;
@@ -177,7 +177,8 @@ __global__ void add_partials_kernel(float* dw_D, const float* partial_GD, int G,
   if (threadIdx.y == 0 && d < D) {
     float total = 0.f;
     for (int y = 0; y < kSumGroups; ++y) total += sums[y][threadIdx.x];
-    dw_D[d] += total;
+    if constexpr (sizeof(T) == 4) dw_D[d] += total;
+    else dw_D[d] = __float2bfloat16_rn(__bfloat162float(dw_D[d]) + total);
   }
 }
 
@@ -239,9 +240,11 @@ size_t rmsnorm_backward_scratch_floats(int N, int D) {
   return N == 0 ? 0 : size_t(bwd_blocks(N)) * D;
 }
 
-void rmsnorm_backward(__nv_bfloat16* dx_ND, float* dw_D, const __nv_bfloat16* dy_ND, const __nv_bfloat16* x_ND,
-                      const __nv_bfloat16* w_D, const float* rstd_N, int N, int D, float* scratch,
-                      cudaStream_t stream) {
+namespace {
+
+template <class T>
+void backward_impl(__nv_bfloat16* dx_ND, T* dw_D, const __nv_bfloat16* dy_ND, const __nv_bfloat16* x_ND,
+                   const __nv_bfloat16* w_D, const float* rstd_N, int N, int D, float* scratch, cudaStream_t stream) {
   MOP_CHECK(N >= 0 && D > 0, "rmsnorm_backward: bad shape N={} D={}", N, D);
   if (N == 0) return;
   MOP_CHECK(dx_ND && dw_D && dy_ND && x_ND && w_D && rstd_N && scratch, "rmsnorm_backward: null pointer");
@@ -253,12 +256,34 @@ void rmsnorm_backward(__nv_bfloat16* dx_ND, float* dw_D, const __nv_bfloat16* dy
   add_partial_rows(dw_D, scratch, bwd_blocks(N), D, stream);
 }
 
-void add_partial_rows(float* dw_D, const float* partial_GD, int G, int D, cudaStream_t stream) {
+template <class T> void add_partial_rows_impl(T* dw_D, const float* partial_GD, int G, int D, cudaStream_t stream) {
   MOP_CHECK(G >= 0 && D >= 0, "add_partial_rows: bad shape G={} D={}", G, D);
   if (G == 0 || D == 0) return;
   const dim3 grid(unsigned((D + kSumCols - 1) / kSumCols)), block(kSumCols, kSumGroups);
   add_partials_kernel<<<grid, block, 0, stream>>>(dw_D, partial_GD, G, D);
   MOP_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void rmsnorm_backward(__nv_bfloat16* dx_ND, float* dw_D, const __nv_bfloat16* dy_ND, const __nv_bfloat16* x_ND,
+                      const __nv_bfloat16* w_D, const float* rstd_N, int N, int D, float* scratch,
+                      cudaStream_t stream) {
+  backward_impl(dx_ND, dw_D, dy_ND, x_ND, w_D, rstd_N, N, D, scratch, stream);
+}
+
+void rmsnorm_backward(__nv_bfloat16* dx_ND, __nv_bfloat16* dw_D, const __nv_bfloat16* dy_ND,
+                      const __nv_bfloat16* x_ND, const __nv_bfloat16* w_D, const float* rstd_N, int N, int D,
+                      float* scratch, cudaStream_t stream) {
+  backward_impl(dx_ND, dw_D, dy_ND, x_ND, w_D, rstd_N, N, D, scratch, stream);
+}
+
+void add_partial_rows(float* dw_D, const float* partial_GD, int G, int D, cudaStream_t stream) {
+  add_partial_rows_impl(dw_D, partial_GD, G, D, stream);
+}
+
+void add_partial_rows(__nv_bfloat16* dw_D, const float* partial_GD, int G, int D, cudaStream_t stream) {
+  add_partial_rows_impl(dw_D, partial_GD, G, D, stream);
 }
 
 }  // namespace mop::cuda

@@ -29,8 +29,15 @@ void rmsnorm_backward(__nv_bfloat16* dx_ND, float* dw_D, const __nv_bfloat16* dy
                       const __nv_bfloat16* w_D, const float* rstd_N, int N, int D, float* scratch,
                       cudaStream_t stream);
 
+// Same with bf16 weight gradients: dw = bf16(dw + sum), the sum in fp32, rounded once.
+void rmsnorm_backward(__nv_bfloat16* dx_ND, __nv_bfloat16* dw_D, const __nv_bfloat16* dy_ND,
+                      const __nv_bfloat16* x_ND, const __nv_bfloat16* w_D, const float* rstd_N, int N, int D,
+                      float* scratch, cudaStream_t stream);
+
 // dw_D[d] += sum_g partial_GD[g, d] (fp32), summed in a fixed order: deterministic. The second
-// stage of the per-block-partials reductions here and in qk_norm_rope_backward.
+// stage of the per-block-partials reductions here and in qk_norm_rope_backward. The bf16 form
+// adds in fp32 and rounds once.
 void add_partial_rows(float* dw_D, const float* partial_GD, int G, int D, cudaStream_t stream);
+void add_partial_rows(__nv_bfloat16* dw_D, const float* partial_GD, int G, int D, cudaStream_t stream);
 
 }  // namespace mop::cuda

@@ -293,10 +293,11 @@ size_t qk_norm_rope_backward_scratch_floats(int N, int H, int hd) {
   return N == 0 ? 0 : size_t(bwd_blocks(N)) * hd;
 }
 
-void qk_norm_rope_backward(__nv_bfloat16* din_NHd, float* dw_hd, const __nv_bfloat16* dout_NHd,
-                           const __nv_bfloat16* in_NHd, const __nv_bfloat16* w_hd, const float* rstd_NH,
-                           const int32_t* pos_N, int N, int H, int hd, int row_stride, double theta, float* scratch,
-                           cudaStream_t stream) {
+namespace {
+template <class T>
+void backward_impl(__nv_bfloat16* din_NHd, T* dw_hd, const __nv_bfloat16* dout_NHd, const __nv_bfloat16* in_NHd,
+                   const __nv_bfloat16* w_hd, const float* rstd_NH, const int32_t* pos_N, int N, int H, int hd,
+                   int row_stride, double theta, float* scratch, cudaStream_t stream) {
   check_shape("qk_norm_rope_backward", N, H, hd, row_stride);
   if (N == 0) return;
   MOP_CHECK(din_NHd && dout_NHd && pos_N, "qk_norm_rope_backward: null pointer");
@@ -313,6 +314,22 @@ void qk_norm_rope_backward(__nv_bfloat16* din_NHd, float* dw_hd, const __nv_bflo
   norm ? dispatch<true, Bwd>(group, vec2, launch) : dispatch<false, Bwd>(group, vec2, launch);
   MOP_CUDA_LAUNCH_CHECK();
   if (norm) add_partial_rows(dw_hd, scratch, blocks, hd, stream);
+}
+
+}  // namespace
+
+void qk_norm_rope_backward(__nv_bfloat16* din_NHd, float* dw_hd, const __nv_bfloat16* dout_NHd,
+                           const __nv_bfloat16* in_NHd, const __nv_bfloat16* w_hd, const float* rstd_NH,
+                           const int32_t* pos_N, int N, int H, int hd, int row_stride, double theta, float* scratch,
+                           cudaStream_t stream) {
+  backward_impl(din_NHd, dw_hd, dout_NHd, in_NHd, w_hd, rstd_NH, pos_N, N, H, hd, row_stride, theta, scratch, stream);
+}
+
+void qk_norm_rope_backward(__nv_bfloat16* din_NHd, __nv_bfloat16* dw_hd, const __nv_bfloat16* dout_NHd,
+                           const __nv_bfloat16* in_NHd, const __nv_bfloat16* w_hd, const float* rstd_NH,
+                           const int32_t* pos_N, int N, int H, int hd, int row_stride, double theta, float* scratch,
+                           cudaStream_t stream) {
+  backward_impl(din_NHd, dw_hd, dout_NHd, in_NHd, w_hd, rstd_NH, pos_N, N, H, hd, row_stride, theta, scratch, stream);
 }
 
 }  // namespace mop::cuda

@@ -34,5 +34,18 @@ void qk_norm_rope_backward(__nv_bfloat16* din_NHd, float* dw_hd, const __nv_bflo
                            const __nv_bfloat16* in_NHd, const __nv_bfloat16* w_hd, const float* rstd_NH,
                            const int32_t* pos_N, int N, int H, int hd, int row_stride, double theta, float* scratch,
                            cudaStream_t stream);
+// Same with a bf16 dw (the fp32 sum added to it and rounded once).
+void qk_norm_rope_backward(__nv_bfloat16* din_NHd, __nv_bfloat16* dw_hd, const __nv_bfloat16* dout_NHd,
+                           const __nv_bfloat16* in_NHd, const __nv_bfloat16* w_hd, const float* rstd_NH,
+                           const int32_t* pos_N, int N, int H, int hd, int row_stride, double theta, float* scratch,
+                           cudaStream_t stream);
+// RoPE only, no dw (dw = nullptr picks no overload above by itself).
+inline void qk_norm_rope_backward(__nv_bfloat16* din_NHd, std::nullptr_t, const __nv_bfloat16* dout_NHd,
+                                  const __nv_bfloat16* in_NHd, const __nv_bfloat16* w_hd, const float* rstd_NH,
+                                  const int32_t* pos_N, int N, int H, int hd, int row_stride, double theta,
+                                  float* scratch, cudaStream_t stream) {
+  qk_norm_rope_backward(din_NHd, static_cast<float*>(nullptr), dout_NHd, in_NHd, w_hd, rstd_NH, pos_N, N, H, hd,
+                        row_stride, theta, scratch, stream);
+}
 
 }  // namespace mop::cuda

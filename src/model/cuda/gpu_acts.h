@@ -1,0 +1,71 @@
+// Internal to gpu_decoder*.cpp: GpuDecoder's activation and workspace buffers for one token count N.
+// Row-major; N tokens, M = N * top_k expert-sorted rows, D hidden, O = (H + 2 KVH) hd.
+#pragma once
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "core/alloc.h"
+#include "model/cuda/gpu_decoder.h"
+
+namespace mop {
+
+struct GpuDecoder::Acts {
+  // One layer's buffers: pointers into either this layer's own allocations or the shared working
+  // set, as the recompute mode decides (gpu_decoder.cpp, ensure_acts).
+  struct Layer {
+    // Cheap to recompute (own buffers only without recompute): norms, QK-norm/RoPE, permuted rows,
+    // SwiGLU outputs.
+    __nv_bfloat16 *h1 = nullptr, *x2 = nullptr, *h2 = nullptr;  // (N, D)
+    float *rstd1 = nullptr, *rstd2 = nullptr;                   // (N)
+    __nv_bfloat16 *q = nullptr, *k = nullptr;                   // after QK-norm and RoPE: (N, H hd), (N, KVH hd)
+    float *rstd_q = nullptr, *rstd_k = nullptr;                 // (N, H), (N, KVH)
+    __nv_bfloat16 *xp = nullptr, *a = nullptr, *sa = nullptr;   // (M, D), (M, F) or (N, Fd), (N, Fs)
+    // The rest (own buffers without recompute and with selective recompute): attention inputs and
+    // output, and the FFN GEMM outputs.
+    __nv_bfloat16 *q_raw = nullptr, *k_raw = nullptr, *v = nullptr;  // (N, H hd), (N, KVH hd), (N, KVH hd)
+    __nv_bfloat16* att = nullptr;                                    // (N, H hd)
+    float* lse = nullptr;                                            // (N, H)
+    __nv_bfloat16 *gu = nullptr, *yp = nullptr, *sgu = nullptr;      // (M, 2F) or (N, 2Fd), (M, D), (N, 2Fs)
+    // Routing (always this layer's own).
+    float *probs = nullptr, *w = nullptr;                                           // (N, E), (N, K)
+    int32_t *idx = nullptr, *row = nullptr, *offsets = nullptr, *counts = nullptr;  // (N, K), (N K), (E + 1), (E)
+    float* lb = nullptr;                                                            // (1) load-balancing loss
+    std::vector<int32_t> offsets_host;                                              // (E + 1)
+  };
+
+  int N = 0;
+  std::vector<Buffer> owned;  // every device allocation below
+  template <class T>
+  T* alloc(size_t n, Mem cat) {
+    owned.emplace_back(Device::cuda, cat, std::max<size_t>(n, 1) * sizeof(T));
+    return owned.back().as<T>();
+  }
+
+  int32_t *tokens = nullptr, *targets = nullptr, *positions = nullptr, *cu = nullptr;  // (N), (N), (N), (N + 1)
+  // The current micro-batch's documents (host): cuDNN takes the maximum length from the host.
+  const int32_t* cu_host = nullptr;
+  int n_docs = 0, max_doc = 0;
+
+  std::vector<__nv_bfloat16*> xs;  // (L + 1) x (N, D) residual stream: every layer's input
+  std::vector<Layer> layers;
+  __nv_bfloat16* qkv = nullptr;  // (N, O) fused projection, copied out at once
+  float* logits = nullptr;       // (N, E) router logits, read once by the router
+  __nv_bfloat16* hf = nullptr;   // (N, D) final norm
+  float* rstdf = nullptr;        // (N)
+  // Backward temporaries, shared by all layers (dtmp also takes forward outputs).
+  __nv_bfloat16 *dx = nullptr, *dx2 = nullptr, *dh = nullptr, *dtmp = nullptr;  // (N, D)
+  __nv_bfloat16 *datt = nullptr, *dq = nullptr, *dk = nullptr, *dv = nullptr,
+                *dkr = nullptr;                                                 // (N, H hd) / (N, KVH hd)
+  __nv_bfloat16* dqkv = nullptr;                                                // (N, O)
+  __nv_bfloat16 *dyp = nullptr, *da = nullptr, *dgu = nullptr, *dxp = nullptr;  // dxp aliases dyp (dead by then)
+  __nv_bfloat16 *dlogits_bf = nullptr, *logits_chunk = nullptr;                 // (N, E), (R, V)
+  float *dw = nullptr, *dprobs = nullptr, *dlogits = nullptr, *ce_loss = nullptr, *ce_lse = nullptr, *scratch = nullptr;
+  int head_rows = 0;  // R: rows of logits alive at once
+  Buffer workspace;   // cuDNN, CUB; grown when an attention shape needs more
+  size_t workspace_bytes = 0;
+};
+
+}  // namespace mop

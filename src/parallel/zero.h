@@ -1,0 +1,84 @@
+// ZeRO for the CPU backend: the parameters, gradients and AdamW state of this rank's table (every
+// dense parameter and the routed experts it owns) split into units, each sharded over its group.
+//
+// Units, in table order: "embed"; per layer "layers.<l>" (attention, norms, router, dense or
+// shared FFN) and, for MoE layers, "layers.<l>.experts" (the local experts); "head" (final norm
+// and LM head). Dense units are sharded over all ranks (the data-parallel group); expert units
+// over the expert-data-parallel group, the ranks holding the same experts. A unit of n elements
+// gives each of its P ranks one chunk of ceil(n / P) elements (the last one padded).
+//
+//   stage 0  everything replicated; gradients all-reduced; every rank runs the same update
+//   stage 1  optimizer state sharded; gradients reduce-scattered; the updated chunk all-gathered
+//   stage 2  as 1, and the full gradients exist only from a unit's first backward to its reduction
+//   stage 3  as 2, and the parameters too: a unit is all-gathered when the decoder acquires it and
+//            freed when it is released (embed and head stay gathered for the whole micro-batch)
+//
+// Gradients accumulate unsharded over the micro-batches of a step and are reduced once, when the
+// last micro-batch's backward releases the unit, so accumulation does not multiply communication.
+// The global gradient norm sums every element once (each rank its own chunk) over all ranks.
+#pragma once
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "core/alloc.h"
+#include "model/decoder.h"
+#include "optim/optimizer.h"
+#include "parallel/process_group.h"
+
+namespace mop {
+
+class ZeroParams final : public ParamSource<float> {
+ public:
+  // table: this rank's table (all experts, or its expert-parallel block). dense: the group dense
+  // units are sharded over; experts: the group expert units are sharded over (their replicas).
+  ZeroParams(const ParamTable& table, const ModelConfig& c, int stage, ProcessGroup& dense, ProcessGroup& experts,
+             OptimizerSettings opt);
+  ~ZeroParams() override;
+
+  int stage() const { return stage_; }
+  // Takes this rank's part of a full set of local parameters (laid out by the table).
+  void load_full(const float* params);
+  // Collective: every local parameter, gathered, laid out by the table.
+  void gather_full(float* params);
+
+  void begin_step();                        // zeroes the gradients
+  void set_reduce_on_release(bool on) { reduce_on_release_ = on; }  // true for the step's last micro-batch
+  // Global-norm clipping and AdamW on this rank's shards. Returns the norm before clipping.
+  double step(double lr);
+  int64_t steps_taken() const { return steps_; }
+  void set_steps_taken(int64_t s) { steps_ = s; }
+  // Applies fn(element index, value) to the elements of a non-trainable buffer held here, the same
+  // way on every rank that holds them (router balance bias).
+  void update_buffer(const ParamSpec& p, const std::function<void(int64_t, float&)>& fn);
+
+  // This rank's shards (parameters, exp_avg, exp_avg_sq) as "<unit>.param" etc.; load checks
+  // the unit sizes and names the file on a mismatch. Collective (stages 0-2 re-gather).
+  void save(const std::string& path) const;
+  void load(const std::string& path);
+  // "embed:1234/2 layers.0:..." for the checkpoint index: what a saved shard set must match.
+  std::string layout_signature() const;
+
+  void acquire_outer(bool backward, ModelView<float>& w, ModelView<float>& g) override;
+  void release_outer(bool backward) override;
+  void acquire_layer(int l, bool backward, LayerView<float>& w, LayerView<float>& g) override;
+  void release_layer(int l, bool backward) override;
+
+ private:
+  struct Unit;
+  void acquire(Unit& u, bool backward);
+  void release(Unit& u, bool backward);
+  void reduce(Unit& u);
+  Unit* find(int layer, bool experts);
+
+  const ParamTable& table_;
+  ModelConfig c_;
+  int stage_;
+  OptimizerSettings opt_;
+  std::vector<Unit> units_;
+  int64_t steps_ = 0;
+  bool reduce_on_release_ = true;
+  ProcessGroup* world_;  // for the gradient norm: the dense group spans every rank
+};
+
+}  // namespace mop
