@@ -74,7 +74,7 @@ int bench(const BenchArgs& a) {
   std::vector<double> times(r.step_seconds.begin() + a.warmup, r.step_seconds.end());
   std::sort(times.begin(), times.end());
   const double median = times[times.size() / 2];
-  const double tps = double(r.tokens_per_step) / median;
+  const double tps = double(r.tokens_per_step) / double(r.world) / median;  // per rank (per GPU)
   const Device dev = r.device == "cuda" ? Device::cuda : Device::cpu;
   const MemoryTracker& mt = memory_tracker(dev);
   nlohmann::json j;
@@ -82,12 +82,16 @@ int bench(const BenchArgs& a) {
   j["preset"] = cfg.model.preset;
   j["layers"] = cfg.model.layers;
   j["device"] = r.device;
+  j["world"] = r.world;
+  j["rank"] = r.rank;
+  j["ep"] = cfg.parallel.ep;
+  j["zero"] = cfg.parallel.zero;
   j["seq"] = cfg.train.seq_len;
   j["batch"] = cfg.train.batch;
   j["grad_accum"] = cfg.train.grad_accum;
   j["steps_timed"] = times.size();
   j["step_s_median"] = median;
-  j["tokens_per_s"] = tps;
+  j["tokens_per_s"] = tps;  // per rank
   j["tflops"] = r.flops_per_token * tps / 1e12;
   j["mfu"] = r.flops_per_token * tps / r.peak_flops;
   j["peak_gib"] = double(mt.peak_total()) / double(1ull << 30);

@@ -130,6 +130,22 @@ void ZeroParams::gather_full(float* params) {
   }
 }
 
+void ZeroParams::set_full_moments(const float* m, const float* v) {
+  MOP_CHECK(stage_ == 0, "zero: full moments exist at stage 0 only (stage {})", stage_);
+  for (Unit& u : units_) {
+    std::memcpy(u.m.data(), m + u.begin, sizeof(float) * size_t(u.numel));
+    std::memcpy(u.v.data(), v + u.begin, sizeof(float) * size_t(u.numel));
+  }
+}
+
+void ZeroParams::get_full_moments(float* m, float* v) const {
+  MOP_CHECK(stage_ == 0, "zero: full moments exist at stage 0 only (stage {})", stage_);
+  for (const Unit& u : units_) {
+    std::memcpy(m + u.begin, u.m.data(), sizeof(float) * size_t(u.numel));
+    std::memcpy(v + u.begin, u.v.data(), sizeof(float) * size_t(u.numel));
+  }
+}
+
 void ZeroParams::begin_step() {
   for (Unit& u : units_) {
     u.reduced = false;

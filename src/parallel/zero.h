@@ -42,6 +42,11 @@ class ZeroParams final : public ParamSource<float> {
   // Collective: every local parameter, gathered, laid out by the table.
   void gather_full(float* params);
 
+  // Stage 0 only (every rank holds everything): the AdamW moments laid out by the table, in and
+  // out. Lets a GPU run's state use the same sharded checkpoint files.
+  void set_full_moments(const float* m, const float* v);
+  void get_full_moments(float* m, float* v) const;
+
   void begin_step();                        // zeroes the gradients
   void set_reduce_on_release(bool on) { reduce_on_release_ = on; }  // true for the step's last micro-batch
   // Global-norm clipping and AdamW on this rank's shards. Returns the norm before clipping.

@@ -13,6 +13,9 @@
 #include "data/tokenizer.h"
 #include "optim/schedule.h"
 #include "parallel/sharded_checkpoint.h"
+#ifdef MOP_HAVE_NCCL
+#include "parallel/cuda/nccl_group.h"
+#endif
 #include "parallel/world.h"
 #include "parallel/zero.h"
 #ifdef MOP_HAVE_CUDA
@@ -102,6 +105,7 @@ Trainer::Trainer(Config cfg, TrainOptions opt) : cfg_(std::move(cfg)), opt_(std:
     memory_tracker(Device::cpu).set_limit(size_t(cfg_.run.memory_limit_gib * double(1ull << 30)));
 
   const bool parallel = rank_.world > 1 || cfg_.parallel.zero > 0 || cfg_.parallel.ep > 1;
+  const bool sharded_cpu = parallel && device == "cpu";  // a GPU layout keeps its state in the GpuDecoder
   if (parallel) setup_parallel(device);  // this rank's table: its experts only
   else table_ = build_param_table(cfg_.model, cfg_.train.decay_embeddings);
   params_ = HostArray<float>(size_t(table_.total), Mem::params);
@@ -111,11 +115,11 @@ Trainer::Trainer(Config cfg, TrainOptions opt) : cfg_(std::move(cfg)), opt_(std:
   OptimizerSettings os{cfg_.train.beta1, cfg_.train.beta2, cfg_.train.eps, cfg_.train.weight_decay, cfg_.train.clip};
   // A GPU run keeps its moments on the device: host moments exist only to load or save a checkpoint
   // (moe-7b: 45 GB of host memory otherwise).
-  if (!parallel && (device == "cpu" || !opt_.resume.empty())) adamw_ = std::make_unique<AdamW>(table_, os);
+  if (!sharded_cpu && (device == "cpu" || !opt_.resume.empty())) adamw_ = std::make_unique<AdamW>(table_, os);
   state_.rng_state = hash_seed(cfg_.train.seed, "sampling");
 
   data_ = make_run_data(cfg_);
-  if (parallel) {
+  if (sharded_cpu) {
     if (!opt_.init_from.empty()) {
       const std::string dir = resolve_checkpoint(opt_.init_from);
       MOP_CHECK(!is_sharded_checkpoint(dir), "--init-from {}: a sharded checkpoint; start from a single-rank one", dir);
@@ -143,7 +147,17 @@ Trainer::Trainer(Config cfg, TrainOptions opt) : cfg_(std::move(cfg)), opt_(std:
     model_->set_moe_comm(MoeComm{groups_->ep.get(), groups_->world.get()});
     return;
   }
-  if (!opt_.resume.empty()) {
+  if (!opt_.resume.empty() && parallel) {  // a multi-GPU run: its shards hold stage-0 state
+    const std::string dir = resolve_checkpoint(opt_.resume);
+    MOP_CHECK(is_sharded_checkpoint(dir), "--resume {}: written by a single-rank run; resume it on one rank", dir);
+    ZeroParams zp(table_, cfg_.model, 0, *groups_->world, *groups_->edp, os);
+    load_sharded_checkpoint(dir, shard_layout(), zp, *groups_->world, &state_);
+    zp.gather_full(params_.data());
+    zp.get_full_moments(adamw_->m(), adamw_->v());
+    adamw_->set_steps_taken(zp.steps_taken());
+    data_.train->set_cursor(state_.cursor);
+    log(fmt::format("resumed from {} at step {}", dir, state_.step));
+  } else if (!opt_.resume.empty()) {
     const std::string dir = resolve_checkpoint(opt_.resume);
     MOP_CHECK(!is_sharded_checkpoint(dir), "--resume {}: written by a sharded run; resume it with the same layout", dir);
     load_checkpoint(dir, table_, params_.data(), adamw_.get(), &state_);
@@ -170,8 +184,10 @@ Trainer::Trainer(Config cfg, TrainOptions opt) : cfg_(std::move(cfg)), opt_(std:
     // bf16 gradients when a step has one micro-batch: each gradient is then rounded to bf16 exactly
     // once, as PyTorch's bf16 autograd gradients are; accumulating several micro-batches keeps fp32.
     go.bf16_grads = cfg_.train.grad_accum == 1;
+    if (parallel) MOP_CUDA_CHECK(cudaSetDevice(rank_.local_rank % cuda::device_count()));  // one GPU per local rank
     gpu_ = std::make_unique<GpuDecoder>(cfg_.model, table_, go);
     gpu_->upload_params(params_.data());
+    if (parallel) setup_gpu_comm();
     if (adamw_) {  // resumed: the checkpoint's moments move to the device
       gpu_->upload_moments(adamw_->m(), adamw_->v());
       gpu_->set_steps_taken(adamw_->steps_taken());
@@ -183,7 +199,36 @@ Trainer::Trainer(Config cfg, TrainOptions opt) : cfg_(std::move(cfg)), opt_(std:
 #endif
 }
 
+#ifdef MOP_HAVE_NCCL
+struct Trainer::GpuGroups {
+  std::unique_ptr<NcclGroup> world, ep, edp;
+};
+#else
+struct Trainer::GpuGroups {};
+#endif
+
 Trainer::~Trainer() = default;
+
+void Trainer::setup_gpu_comm() {
+#ifdef MOP_HAVE_NCCL
+  gpu_groups_ = std::make_unique<GpuGroups>();
+  int device = 0;
+  MOP_CUDA_CHECK(cudaGetDevice(&device));
+  NcclOptions o;
+  o.timeout = std::chrono::milliseconds(int64_t(cfg_.parallel.timeout_s * 1000));
+  // Every rank creates the same groups in the same order; each is collective over its host group.
+  auto make = [&](ProcessGroup& host, const char* name) -> std::unique_ptr<NcclGroup> {
+    if (host.size() == 1) return nullptr;
+    o.name = name;
+    return make_nccl_group(host, device, gpu_->stream(), o);
+  };
+  gpu_groups_->world = make(*groups_->world, "nccl world");
+  gpu_groups_->ep = make(*groups_->ep, "nccl ep");
+  gpu_groups_->edp = make(*groups_->edp, "nccl edp");
+  gpu_->set_comm(GpuComm{groups_->world.get(), groups_->ep.get(), gpu_groups_->world.get(), gpu_groups_->ep.get(),
+                         gpu_groups_->edp.get()});
+#endif
+}
 
 ShardLayout Trainer::shard_layout() const {
   return ShardLayout{rank_.world, int(cfg_.parallel.zero), int(cfg_.parallel.ep)};
@@ -192,9 +237,13 @@ ShardLayout Trainer::shard_layout() const {
 void Trainer::setup_parallel(const std::string& device) {
   const ParallelConfig& pc = cfg_.parallel;
   const int world = rank_.world, ep = int(pc.ep), zero = int(pc.zero);
-  MOP_CHECK(device == "cpu",
-            "a parallel layout (world {}, zero {}, ep {}) runs on the CPU backend for now; set device = \"cpu\"",
-            world, zero, ep);
+  MOP_CHECK(device == "cpu" || zero == 0,
+            "parallel.zero = {} on the GPU is not implemented yet: GPU ranks replicate the dense parameters "
+            "(zero = 0) and split the experts (parallel.ep); ZeRO 1-3 run on the CPU backend",
+            zero);
+#ifndef MOP_HAVE_NCCL
+  MOP_CHECK(device == "cpu", "a multi-GPU layout needs NCCL, which this build does not have");
+#endif
   MOP_CHECK(pc.world == 0 || pc.world == world, "parallel.world = {} but the launcher started {} ranks", pc.world,
             world);
   MOP_CHECK(world % ep == 0, "parallel.ep = {} does not divide the world size {} (world = ep x expert replicas)", ep,
@@ -233,6 +282,18 @@ std::string Trainer::save_checkpoint_now(const std::string& run_dir) {
     return save_sharded_run_checkpoint(run_dir, tc.keep_checkpoints, cfg_, shard_layout(), *zero_, *groups_->world,
                                        state_);
   sync_from_gpu(/*moments=*/true);
+  if (groups_) {  // a multi-GPU run: every rank writes its table's state as stage-0 shards
+    const TrainConfig& t = cfg_.train;
+    ZeroParams zp(table_, cfg_.model, 0, *groups_->world, *groups_->edp,
+                  OptimizerSettings{t.beta1, t.beta2, t.eps, t.weight_decay, t.clip});
+    zp.load_full(params_.data());
+    zp.set_full_moments(adamw_->m(), adamw_->v());
+    zp.set_steps_taken(adamw_->steps_taken());
+    std::string dir = save_sharded_run_checkpoint(run_dir, tc.keep_checkpoints, cfg_, shard_layout(), zp,
+                                                  *groups_->world, state_);
+    adamw_.reset();
+    return dir;
+  }
   std::string dir = save_run_checkpoint(run_dir, tc.keep_checkpoints, cfg_, table_, params_.data(), *adamw_, state_);
   if (gpu_) adamw_.reset();  // a GPU run's host moments live only while a checkpoint is written
   return dir;
@@ -265,6 +326,7 @@ double Trainer::optimizer_step(double lr) {
 #ifdef MOP_HAVE_CUDA
   if (gpu_) {
     const TrainConfig& t = cfg_.train;
+    if (groups_) gpu_->reduce_grads();  // once per step, after every micro-batch
     return gpu_->optimizer_step(lr, t.beta1, t.beta2, t.eps, t.weight_decay, t.clip);
   }
 #endif
@@ -403,6 +465,7 @@ TrainResult Trainer::run() {
   res.flops_per_token = flops_per_token;
   res.peak_flops = peak;
   res.device = gpu_ ? "cuda" : "cpu";
+  res.world = rank_.world, res.rank = rank_.rank;
   const Recompute rc = tc.checkpointing == "full" ? Recompute::full : Recompute::none;
   const int64_t moe_layers = std::max<int64_t>(1, cfg_.model.moe_layers());
   const float lb_scale = float(cfg_.model.lb_coef / double(moe_layers * tc.grad_accum));
@@ -491,7 +554,7 @@ TrainResult Trainer::run() {
   }
 
   if (!opt_.bench) sync_from_gpu(/*moments=*/false);  // sampling runs on the CPU model over the final weights
-  bool can_sample = true;
+  bool can_sample = !(gpu_ && groups_ && cfg_.parallel.ep > 1);  // no rank holds every expert
   if (zero_ && !opt_.bench && tc.sample_tokens > 0) {
     // Every rank gathers the weights and samples the same text (rank 0 prints it); with expert
     // parallelism no rank holds every expert, so there is no sample.

@@ -38,7 +38,8 @@ struct TrainResult {
   std::string last_checkpoint;
   std::string sample;
   std::vector<double> step_seconds;  // wall time of each optimizer step
-  int64_t tokens_per_step = 0;
+  int64_t tokens_per_step = 0;      // over all ranks
+  int world = 1, rank = 0;
   double flops_per_token = 0;        // DESIGN.md's model FLOPs
   double peak_flops = 0;             // MFU denominator
   std::string device;                // cpu | cuda
@@ -64,6 +65,7 @@ class Trainer {
   double optimizer_step(double lr);
   // Multi-rank (or sharded) runs: groups, this rank's table and the ZeRO state.
   void setup_parallel(const std::string& device);
+  void setup_gpu_comm();  // NCCL groups over the host groups, on the GpuDecoder's stream
   ShardLayout shard_layout() const;
   // Sums over all ranks (no-op on one).
   void sum_over_ranks(double* v, size_t n);
@@ -84,6 +86,8 @@ class Trainer {
   RankInfo rank_;
   std::unique_ptr<Groups> groups_;
   std::unique_ptr<ZeroParams> zero_;
+  struct GpuGroups;
+  std::unique_ptr<GpuGroups> gpu_groups_;  // multi-GPU runs (NCCL)
 };
 
 // Sets OpenMP and OpenBLAS threads (0 = all cores up to 8, shared by local_ranks ranks); returns

@@ -18,6 +18,7 @@
 #include "ops/cuda/rmsnorm.h"
 #include "ops/cuda/rope.h"
 #include "ops/cuda/runtime.h"
+#include "parallel/process_group.h"
 
 namespace mop {
 
@@ -199,7 +200,27 @@ double GpuDecoder::optimizer_step(double lr, double beta1, double beta2, double 
   double ss[2] = {0, 0};
   MOP_CUDA_CHECK(cudaMemcpyAsync(ss, norm2, sizeof(ss), cudaMemcpyDeviceToHost, stream_));
   MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  const double norm = std::sqrt(ss[0] + ss[1]);
+  double norm = std::sqrt(ss[0] + ss[1]);
+  if (comm_.ep_host && comm_.ep_host->size() > 1) {
+    // Dense gradients are the same on every rank (reduced); expert gradients differ between the
+    // ranks of an expert-parallel group, each holding its experts': add theirs once.
+    const std::vector<GradRun> runs = grad_runs();
+    Buffer parts(Device::cuda, Mem::workspace, runs.size() * sizeof(double));
+    for (size_t i = 0; i < runs.size(); ++i) {
+      const GradRun& r = runs[i];
+      if (opt_.bf16_grads)
+        cuda::sum_squares(parts.as<double>() + i, grads_.as<bf16>() + r.begin, r.n, acts_->scratch, stream_);
+      else
+        cuda::sum_squares(parts.as<double>() + i, grads_.as<float>() + r.begin, r.n, acts_->scratch, stream_);
+    }
+    std::vector<double> host(runs.size());
+    MOP_CUDA_CHECK(cudaMemcpyAsync(host.data(), parts.data(), parts.bytes(), cudaMemcpyDeviceToHost, stream_));
+    MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    double dense = ss[1], expert = 0;  // ss[1]: the fp32 head
+    for (size_t i = 0; i < runs.size(); ++i) (runs[i].expert ? expert : dense) += host[i];
+    comm_.ep_host->all_reduce_sum(&expert, 1);
+    norm = std::sqrt(dense + expert);
+  }
   const double gscale = clip > 0 && norm > clip ? clip / (norm + 1e-6) : 1.0;
 
   ++steps_;

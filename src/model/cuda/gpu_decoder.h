@@ -28,6 +28,20 @@
 
 namespace mop {
 
+class ProcessGroup;
+class NcclGroup;
+struct GpuExpertPlan;
+
+// A multi-GPU run's groups (set by the trainer; parallel/world.h, parallel/cuda/nccl_group.h). The
+// NCCL groups run on the decoder's stream. A null member: that axis has one rank.
+struct GpuComm {
+  ProcessGroup* world_host = nullptr;  // Gloo, all ranks: the load-balancing statistics
+  ProcessGroup* ep_host = nullptr;     // Gloo, the expert-parallel group: per-expert row counts
+  NcclGroup* world = nullptr;          // dense gradients
+  NcclGroup* ep = nullptr;             // token rows to and from the experts' owners
+  NcclGroup* edp = nullptr;            // expert gradients (ranks holding the same experts)
+};
+
 // What the forward keeps for backward (train.checkpointing):
 //  none:      every layer's activations (fastest; moe-7b at 8K tokens: about 1.1 GB a layer);
 //  full:      each layer's input only; backward reruns the layer's forward into one shared set of
@@ -72,6 +86,12 @@ class GpuDecoder {
   cudaStream_t stream() const { return stream_; }
   const GpuDecoderOptions& options() const { return opt_; }
 
+  // Multi-GPU (the table then holds this rank's experts only). reduce_grads sums the gradients
+  // of the step over the ranks (dense over all, experts over their replicas) before
+  // optimizer_step, whose norm then counts every gradient element once over all ranks.
+  void set_comm(const GpuComm& comm);
+  void reduce_grads();
+
  private:
   struct Acts;
   void ensure_acts(int N);
@@ -84,6 +104,17 @@ class GpuDecoder {
   void backward_pass(const ModelView<G>& g, float lb_scale);
   template <class G>
   void layer_backward(int l, const LayerView<G>& g, float lb_scale);
+  // Expert parallelism and global load-balancing statistics (gpu_decoder_comm.cpp).
+  bool expert_parallel() const;
+  void global_lb_stats(int l);                    // after the layer's routing, before backward
+  void experts_forward_ep(int l);                 // y.xp -> y.yp through the experts' owners
+  template <class G>
+  void experts_backward_ep(int l, const LayerView<G>& g);  // a.dyp -> a.dxp
+  struct GradRun {
+    size_t begin, n;  // elements of the flat gradient array
+    bool expert;
+  };
+  std::vector<GradRun> grad_runs() const;
 
   ModelConfig c_;
   const ParamTable& table_;
@@ -104,6 +135,19 @@ class GpuDecoder {
   std::unique_ptr<Acts> acts_;
   int acts_N_ = -1;
   int64_t steps_ = 0;
+
+  GpuComm comm_;
+  struct EpLayer {  // expert-parallel state of one MoE layer: kept from forward to backward
+    std::shared_ptr<GpuExpertPlan> plan;
+    Buffer xl, gu, a;  // (R, D), (R, 2F), (R, F): the local experts' rows, expert-major
+    size_t cap = 0;    // rows the buffers hold
+  };
+  std::vector<EpLayer> ep_layers_;
+  Buffer ep_scratch_, ep_tmp_, ep_da_, ep_dgu_;  // (R, D), (R, D), (R, F), (R, 2F), shared by the layers
+  size_t ep_cap_ = 0;
+  std::vector<double> lb_global_;                // (L) load-balancing loss over all ranks' tokens
+  std::vector<float> lb_grad_factor_;            // (L) (N / N_total)^2: see global_lb_stats
+  std::vector<std::vector<int32_t>> counts_host_;  // (L, E) global counts, host side of the upload
 };
 
 }  // namespace mop

@@ -21,6 +21,7 @@
 #include "ops/cuda/rope.h"
 #include "ops/cuda/router.h"
 #include "ops/cuda/swiglu.h"
+#include "parallel/process_group.h"
 
 namespace mop {
 
@@ -86,15 +87,28 @@ void GpuDecoder::layer_forward(int l, bool recompute) {
       cuda::router_forward(y.probs, y.idx, y.w, a.logits, router_bias_[size_t(l)], rc, N, st);
       cuda::moe_expert_counts(y.counts, y.idx, N, E, K, st);
       cuda::moe_lb_loss(y.lb, a.dprobs, y.probs, y.counts, N, E, K, st);
+      // Several data-parallel ranks: the statistics of the whole micro-batch (counts made global
+      // on the device after the route layout has used the local ones).
+      const bool global_lb = comm_.world_host && comm_.world_host->size() > 1;
       cuda::moe_route_layout(y.row, y.offsets, y.idx, N, E, K, a.workspace.data(), a.workspace_bytes, st);
+      if (global_lb) global_lb_stats(l);
       // The one host synchronisation of the layer: the grouped GEMM takes its sizes from the host.
       MOP_CUDA_CHECK(cudaMemcpyAsync(y.offsets_host.data(), y.offsets, size_t(E + 1) * 4, cudaMemcpyDeviceToHost, st));
       MOP_CUDA_CHECK(cudaStreamSynchronize(st));
     }
-    cuda::moe_permute(y.xp, y.h2, y.row, N, K, D, st);
-    if (heavy) cuda::grouped_matmul_forward(y.gu, y.xp, w.w_gu, y.offsets, y.offsets_host.data(), E, D, 2 * F, st);
-    cuda::swiglu_forward(y.a, y.gu, M, F, st);
-    if (heavy) cuda::grouped_matmul_forward(y.yp, y.a, w.w_down, y.offsets, y.offsets_host.data(), E, F, D, st);
+    if (expert_parallel()) {
+      // The local experts' rows, their SwiGLU and yp are kept per layer (set_comm refuses full
+      // recompute), so a rerun has nothing to redo here.
+      if (!recompute) {
+        cuda::moe_permute(y.xp, y.h2, y.row, N, K, D, st);
+        experts_forward_ep(l);
+      }
+    } else {
+      cuda::moe_permute(y.xp, y.h2, y.row, N, K, D, st);
+      if (heavy) cuda::grouped_matmul_forward(y.gu, y.xp, w.w_gu, y.offsets, y.offsets_host.data(), E, D, 2 * F, st);
+      cuda::swiglu_forward(y.a, y.gu, M, F, st);
+      if (heavy) cuda::grouped_matmul_forward(y.yp, y.a, w.w_down, y.offsets, y.offsets_host.data(), E, F, D, st);
+    }
     if (!recompute) cuda::moe_combine(a.dtmp, y.yp, y.w, y.row, N, K, D, st);
     if (c_.shared_experts > 0) {
       const int Fs = int(c_.shared_width());
@@ -165,13 +179,20 @@ void GpuDecoder::layer_backward(int l, const LayerView<G>& g, float lb_scale) {
   } else {
     const cpu::RouterConfig rc = router_config(c_);
     cuda::moe_combine_backward(a.dyp, a.dw, a.dx, y.yp, y.w, y.row, N, K, D, st);
-    cuda::grouped_matmul_backward(a.da, g.w_down, a.dyp, y.a, w.w_down, y.offsets, y.offsets_host.data(), E, F, D, st);
-    cuda::swiglu_backward(a.dgu, a.da, y.gu, M, F, st);
-    cuda::grouped_matmul_backward(a.dxp, g.w_gu, a.dgu, y.xp, w.w_gu, y.offsets, y.offsets_host.data(), E, D, 2 * F,
-                                  st);
+    if (expert_parallel()) {
+      experts_backward_ep(l, g);
+    } else {
+      cuda::grouped_matmul_backward(a.da, g.w_down, a.dyp, y.a, w.w_down, y.offsets, y.offsets_host.data(), E, F, D,
+                                    st);
+      cuda::swiglu_backward(a.dgu, a.da, y.gu, M, F, st);
+      cuda::grouped_matmul_backward(a.dxp, g.w_gu, a.dgu, y.xp, w.w_gu, y.offsets, y.offsets_host.data(), E, D, 2 * F,
+                                    st);
+    }
     cuda::moe_permute_backward(a.dh, a.dxp, y.row, N, K, D, st);
     MOP_CUDA_CHECK(cudaMemsetAsync(a.dprobs, 0, size_t(N) * E * 4, st));
-    if (lb_scale != 0.f) cuda::moe_lb_loss_backward(a.dprobs, lb_scale, y.counts, N, E, K, st);
+    const float lb_factor = lb_grad_factor_.empty() ? 1.f : lb_grad_factor_[size_t(l)];
+    if (lb_scale != 0.f && lb_factor != 0.f)
+      cuda::moe_lb_loss_backward(a.dprobs, lb_scale * lb_factor, y.counts, N, E, K, st);
     cuda::router_backward(a.dlogits, a.dw, a.dprobs, y.probs, y.idx, rc, N, st);
     // The router GEMM's backward reads bf16: the fp32 logit gradients are rounded once here.
     cuda::cast_f32_to_bf16(a.dlogits_bf, a.dlogits, size_t(N) * E, st);
@@ -259,7 +280,8 @@ LossStats GpuDecoder::run(const TokenBatch& b, float ce_scale, float lb_scale, b
     stats.ce_sum += double(loss[size_t(i)]);
     stats.ce_tokens += b.targets[i] >= 0;
   }
-  for (int l = 0; l < L; ++l) stats.lb_sum += double(lb[size_t(l)]);
+  const bool global_lb = comm_.world_host && comm_.world_host->size() > 1;
+  for (int l = 0; l < L; ++l) stats.lb_sum += global_lb ? lb_global_[size_t(l)] : double(lb[size_t(l)]);
   for (size_t i = 0; i < counts.size(); ++i) stats.counts[i] = counts[i];
   return stats;
 }
