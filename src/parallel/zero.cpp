@@ -26,7 +26,9 @@ struct ZeroParams::Unit {
   HostArray<float> g_shard;      // stage >= 1: the reduced gradient chunk
   HostArray<float> m, v;         // stage 0: numel; else chunk
   int holds = 0;                 // acquisitions not yet released (stage 3)
-  bool reduced = false;          // gradients of this step already reduced
+  bool reduced = false;          // gradients of this step reduced (or being reduced)
+  std::unique_ptr<Work> gather;  // stage 3: w_full's all-gather in flight (a prefetch)
+  std::unique_ptr<Work> reducing;  // the gradient reduction in flight
   int64_t padded() const { return chunk * group->size(); }
 };
 
@@ -119,6 +121,7 @@ void ZeroParams::load_full(const float* params) {
 }
 
 void ZeroParams::gather_full(float* params) {
+  finish_reductions();
   for (Unit& u : units_) {
     if (stage_ < 3) {
       std::memcpy(params + u.begin, u.w_full.data(), sizeof(float) * size_t(u.numel));
@@ -146,7 +149,17 @@ void ZeroParams::get_full_moments(float* m, float* v) const {
   }
 }
 
+void ZeroParams::finish_reductions() {
+  for (Unit& u : units_) {
+    if (!u.reducing) continue;
+    u.reducing->wait();
+    u.reducing.reset();
+    if (stage_ >= 2) u.g_full = HostArray<float>();  // stages 2 and 3 keep only the reduced chunk
+  }
+}
+
 void ZeroParams::begin_step() {
+  finish_reductions();
   for (Unit& u : units_) {
     u.reduced = false;
     if (stage_ <= 1) std::fill(u.g_full.data(), u.g_full.data() + u.g_full.size(), 0.f);
@@ -154,10 +167,25 @@ void ZeroParams::begin_step() {
   }
 }
 
+void ZeroParams::start_gather(Unit& u) {
+  u.w_full = HostArray<float>(size_t(u.padded()), Mem::params);
+  u.gather = u.group->all_gather_async(u.w_shard.data(), size_t(u.chunk), u.w_full.data());
+}
+
+void ZeroParams::prefetch(int l) {
+  if (stage_ != 3 || l < 0 || l >= int(c_.layers)) return;
+  for (bool experts : {false, true})
+    if (Unit* u = find(l, experts); u && u->w_full.empty()) start_gather(*u);
+}
+
 void ZeroParams::acquire(Unit& u, bool backward) {
-  if (stage_ == 3 && u.holds++ == 0) {
-    u.w_full = HostArray<float>(size_t(u.padded()), Mem::params);
-    u.group->all_gather(u.w_shard.data(), size_t(u.chunk), u.w_full.data());
+  if (stage_ == 3) {
+    if (u.w_full.empty()) start_gather(u);  // not prefetched
+    if (u.gather) {
+      u.gather->wait();
+      u.gather.reset();
+    }
+    ++u.holds;
   }
   if (backward && u.g_full.empty()) {
     MOP_CHECK(!u.reduced, "zero: unit '{}' needs gradients after they were reduced this step", u.name);
@@ -170,15 +198,15 @@ void ZeroParams::release(Unit& u, bool backward) {
   if (stage_ == 3 && --u.holds == 0) u.w_full = HostArray<float>();
 }
 
+// Started here, finished by finish_reductions (before the optimizer step): the reduction of a
+// layer's gradients runs on the group's worker while the next layer down computes its backward.
 void ZeroParams::reduce(Unit& u) {
   if (u.reduced) return;
   u.reduced = true;
-  if (stage_ == 0) {
-    u.group->all_reduce_sum(u.g_full.data(), size_t(u.numel));
-    return;
-  }
-  u.group->reduce_scatter_sum(u.g_full.data(), u.g_shard.data(), size_t(u.chunk));
-  if (stage_ >= 2) u.g_full = HostArray<float>();
+  if (stage_ == 0)
+    u.reducing = u.group->all_reduce_sum_async(u.g_full.data(), size_t(u.numel));
+  else
+    u.reducing = u.group->reduce_scatter_sum_async(u.g_full.data(), u.g_shard.data(), size_t(u.chunk));
 }
 
 void ZeroParams::acquire_outer(bool backward, ModelView<float>& w, ModelView<float>& g) {
@@ -217,6 +245,9 @@ void ZeroParams::acquire_layer(int l, bool backward, LayerView<float>& w, LayerV
     merge(w, unit_view(u->sub, c_, u->w_full.data()).layers[size_t(l)]);
     if (backward) merge(g, unit_view(u->sub, c_, u->g_full.data()).layers[size_t(l)]);
   }
+  // The decoder walks the layers up in forward and down in backward: gather the next one while
+  // this one computes.
+  prefetch(backward ? l - 1 : l + 1);
 }
 
 void ZeroParams::release_layer(int l, bool backward) {
@@ -225,6 +256,7 @@ void ZeroParams::release_layer(int l, bool backward) {
 }
 
 double ZeroParams::step(double lr) {
+  finish_reductions();
   for (Unit& u : units_)
     MOP_CHECK(u.reduced, "zero: optimizer step before the gradients of unit '{}' were reduced", u.name);
   // Each element is counted once: every rank sums its own chunk (the reduced gradient; at

@@ -15,6 +15,10 @@
 //
 // Gradients accumulate unsharded over the micro-batches of a step and are reduced once, when the
 // last micro-batch's backward releases the unit, so accumulation does not multiply communication.
+// Communication overlaps compute: acquiring layer l starts the all-gather of the next layer in the
+// walk (l + 1 in forward, l - 1 in backward; stage 3), and a unit's gradient reduction runs while
+// the layers below compute their backward; the optimizer step waits for them. Each group runs its
+// operations in call order on its own worker, the same order on every rank.
 // The global gradient norm sums every element once (each rank its own chunk) over all ranks.
 #pragma once
 #include <functional>
@@ -73,7 +77,10 @@ class ZeroParams final : public ParamSource<float> {
   struct Unit;
   void acquire(Unit& u, bool backward);
   void release(Unit& u, bool backward);
-  void reduce(Unit& u);
+  void reduce(Unit& u);               // starts the unit's gradient reduction (async)
+  void finish_reductions();           // waits for every reduction in flight
+  void start_gather(Unit& u);         // stage 3: allocates the full unit, all-gathers it (async)
+  void prefetch(int layer);           // stage 3: start_gather for the layer's units not yet present
   Unit* find(int layer, bool experts);
 
   const ParamTable& table_;
