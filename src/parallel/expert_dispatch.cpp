@@ -51,18 +51,16 @@ ExpertPlan plan_expert_exchange(ProcessGroup& ep, const int32_t* off, int E) {
   return make_expert_plan(P, E, send_cnt.data(), recv_cnt.data());
 }
 
-namespace {
-std::vector<size_t> scaled(const std::vector<size_t>& rows, int D) {
+std::vector<size_t> row_elements(const std::vector<size_t>& rows, int D) {
   std::vector<size_t> v(rows);
   for (size_t& x : v) x *= size_t(D);
   return v;
 }
-}  // namespace
 
 template <class T> void expert_dispatch(ProcessGroup& ep, const ExpertPlan& p, const T* rows_MD, T* rows_RD, int D) {
   const size_t R = size_t(p.rows_in());
   HostArray<T> recv(R * size_t(D), Mem::comm);
-  ep.all_to_all_v(rows_MD, scaled(p.send_rows, D), recv.data(), scaled(p.recv_rows, D));
+  ep.all_to_all_v(rows_MD, row_elements(p.send_rows, D), recv.data(), row_elements(p.recv_rows, D));
   for (size_t i = 0; i < R; ++i)
     std::memcpy(rows_RD + size_t(p.order[i]) * D, recv.data() + i * D, sizeof(T) * size_t(D));
 }
@@ -72,7 +70,7 @@ template <class T> void expert_return(ProcessGroup& ep, const ExpertPlan& p, con
   HostArray<T> send(R * size_t(D), Mem::comm);
   for (size_t i = 0; i < R; ++i)
     std::memcpy(send.data() + i * D, rows_RD + size_t(p.order[i]) * D, sizeof(T) * size_t(D));
-  ep.all_to_all_v(send.data(), scaled(p.recv_rows, D), rows_MD, scaled(p.send_rows, D));
+  ep.all_to_all_v(send.data(), row_elements(p.recv_rows, D), rows_MD, row_elements(p.send_rows, D));
 }
 
 #define INSTANTIATE(T)                                                                              \

@@ -37,6 +37,9 @@ ExpertPlan plan_expert_exchange(ProcessGroup& ep, const int32_t* offsets_E1, int
 // exchanges the counts on the device).
 ExpertPlan make_expert_plan(int ep, int E, const int64_t* send_cnt, const int64_t* recv_cnt);
 
+// Row counts (per rank) as element counts of rows of D values, for all_to_all_v.
+std::vector<size_t> row_elements(const std::vector<size_t>& rows, int D);
+
 // rows_MD (this rank's routed rows, expert-sorted) -> rows_RD (local experts' rows, expert-major).
 template <class T> void expert_dispatch(ProcessGroup& ep, const ExpertPlan& p, const T* rows_MD, T* rows_RD, int D);
 // The reverse: rows_RD (expert-major, one per received row) -> rows_MD, back where they came from.

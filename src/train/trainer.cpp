@@ -401,31 +401,22 @@ void Trainer::update_router_bias(const LossStats& st) {
   // mean load. Not a gradient step; the bias is a buffer saved with the weights.
   if (cfg_.model.router != "sigmoid") return;
   const int64_t E = cfg_.model.experts;
-  if (zero_) {  // the counts are global (summed over the data-parallel ranks): every rank agrees
-    for (const auto& p : table_.params) {
-      if (p.role != ParamRole::router_bias) continue;
-      const int64_t* cnt = st.counts.data() + size_t(p.layer) * E;
-      double mean = 0;
-      for (int64_t e = 0; e < E; ++e) mean += double(cnt[e]);
-      mean /= double(E);
-      zero_->update_buffer(p, [&](int64_t e, float& b) {
-        const double d = mean - double(cnt[e]);
-        b += float(cfg_.model.bias_update_rate * double((d > 0) - (d < 0)));
-      });
-    }
-    return;
-  }
-  // The bias is a buffer the host owns (the GPU never changes it): nothing to download.
+  // The counts are global (summed over the data-parallel ranks), so every rank makes the same
+  // change. The bias is a buffer the host owns (the GPU never changes it): nothing to download.
   for (const auto& p : table_.params) {
     if (p.role != ParamRole::router_bias) continue;
     const int64_t* cnt = st.counts.data() + size_t(p.layer) * E;
     double mean = 0;
     for (int64_t e = 0; e < E; ++e) mean += double(cnt[e]);
     mean /= double(E);
-    float* bias = params_.data() + p.offset;
-    for (int64_t e = 0; e < E; ++e) {
+    auto nudge = [&](int64_t e, float& b) {
       const double d = mean - double(cnt[e]);
-      bias[e] += float(cfg_.model.bias_update_rate * double((d > 0) - (d < 0)));
+      b += float(cfg_.model.bias_update_rate * double((d > 0) - (d < 0)));
+    };
+    if (zero_) {
+      zero_->update_buffer(p, nudge);
+    } else {
+      for (int64_t e = 0; e < E; ++e) nudge(e, params_[size_t(p.offset + e)]);
     }
   }
 #ifdef MOP_HAVE_CUDA

@@ -16,24 +16,12 @@
 #include <cuda_runtime_api.h>
 #endif
 
+#include "run_mop.h"
+
 namespace {
 
-struct Result {
-  int code;
-  std::string out;  // stdout and stderr together
-};
-
-Result run(const std::string& args) {
-  const char* bin = std::getenv("MOP_BIN");
-  const std::string cmd = std::string(bin ? bin : "mop") + " " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  std::string out;
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
-  const int status = pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
-}
+using Result = mop::test::MopResult;
+Result run(const std::string& args) { return mop::test::run_mop(args); }
 
 std::set<std::string> flags_of(const std::string& help) {
   std::regex flag("--[a-z][a-z-]*");

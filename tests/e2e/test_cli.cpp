@@ -15,24 +15,12 @@
 
 namespace fs = std::filesystem;
 
+#include "run_mop.h"
+
 namespace {
 
-struct Result {
-  int code;
-  std::string out;  // stdout and stderr together
-};
-
-Result run(const std::string& args) {
-  const char* bin = std::getenv("MOP_BIN");
-  std::string cmd = std::string(bin ? bin : "mop") + " " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  std::string out;
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
-  int status = pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
-}
+using Result = mop::test::MopResult;
+Result run(const std::string& args) { return mop::test::run_mop(args); }
 
 std::string temp_dir() {
   char tmpl[] = "/tmp/mop_cli_XXXXXX";

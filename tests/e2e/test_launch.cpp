@@ -13,6 +13,8 @@
 
 using namespace mop;
 
+#include "run_mop.h"
+
 namespace {
 
 RankInfo detect(std::map<std::string, std::string> env) {
@@ -22,24 +24,8 @@ RankInfo detect(std::map<std::string, std::string> env) {
   });
 }
 
-struct CmdResult {
-  int code;
-  std::string out;
-  double seconds;
-};
-
-CmdResult run(const std::string& args) {
-  const char* bin = std::getenv("MOP_BIN");
-  auto t0 = std::chrono::steady_clock::now();
-  FILE* p = popen((std::string(bin ? bin : "mop") + " " + args + " 2>&1").c_str(), "r");
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  int status = pclose(p);
-  double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out, s};
-}
+using CmdResult = mop::test::MopResult;
+CmdResult run(const std::string& args) { return mop::test::run_mop(args); }
 
 }  // namespace
 

@@ -20,36 +20,18 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
+#include "run_mop.h"
+
 namespace fs = std::filesystem;
 
+namespace mop {
 namespace {
 
-struct CmdResult {
-  int code;
-  std::string out;
-};
-
-CmdResult run(const std::string& args) {
-  const char* bin = std::getenv("MOP_BIN");
-  FILE* p = popen((std::string(bin ? bin : "mop") + " " + args + " 2>&1").c_str(), "r");
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  int status = pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
-}
-
-std::vector<double> losses(const fs::path& run_dir) {
-  std::ifstream f(run_dir / "metrics.jsonl");
-  std::vector<double> v;
-  for (std::string line; std::getline(f, line);) v.push_back(nlohmann::json::parse(line).at("loss").get<double>());
-  return v;
-}
+using test::metric_losses;
+using test::run_mop;
 
 class ParallelTrain : public ::testing::Test {
  protected:
@@ -65,7 +47,7 @@ class ParallelTrain : public ::testing::Test {
   fs::path train(const std::string& name, int world, const std::string& sets) {
     const fs::path rd = dir_ / name;
     const std::string cmd = "train " + common_ + " " + sets + " --set run.dir=" + rd.string();
-    CmdResult r = run(world == 1 ? cmd : "launch --nproc " + std::to_string(world) + " -- " + cmd);
+    test::MopResult r = run_mop(world == 1 ? cmd : "launch --nproc " + std::to_string(world) + " -- " + cmd);
     EXPECT_EQ(r.code, 0) << r.out;
     return rd;
   }
@@ -87,7 +69,7 @@ TEST_F(ParallelTrain, EveryLayoutMatchesOneRank) {
   const fs::path init = train("init", 1, "--set train.steps=0");
   ASSERT_TRUE(fs::exists(init / "checkpoints" / "latest"));
   const std::string steps = "--set train.steps=20 --set train.grad_accum=2 --init-from " + init.string();
-  const std::vector<double> ref = losses(train("world1", 1, steps));
+  const std::vector<double> ref = metric_losses(train("world1", 1, steps));
   ASSERT_EQ(ref.size(), 20u);
   EXPECT_LT(ref.back(), ref.front());
   struct Layout {
@@ -100,7 +82,7 @@ TEST_F(ParallelTrain, EveryLayoutMatchesOneRank) {
                           Layout{"ep2_x2", 2, "--set parallel.ep=2"},
                           Layout{"ep4_x4", 4, "--set parallel.ep=4"},
                           Layout{"zero3_ep2_x4", 4, "--set parallel.zero=3 --set parallel.ep=2"}})
-    expect_parity(ref, losses(train(l.name, l.world, steps + " " + l.sets)), l.name);
+    expect_parity(ref, metric_losses(train(l.name, l.world, steps + " " + l.sets)), l.name);
 }
 
 TEST_F(ParallelTrain, DeepSeekStyleModelMatchesOneRank) {
@@ -110,8 +92,8 @@ TEST_F(ParallelTrain, DeepSeekStyleModelMatchesOneRank) {
       "--set model.family=deepseek_v3 --set model.router=sigmoid --set model.shared_experts=1 --set model.layers=3 "
       "--set model.dense_layers=1 --set model.router_groups=4 --set model.router_topk_groups=2 "
       "--set model.tie_embeddings=true --set train.steps=12 --set train.checkpointing=full ";
-  const std::vector<double> ref = losses(train("world1", 1, model));
-  expect_parity(ref, losses(train("zero3_ep2_x4", 4, model + "--set parallel.zero=3 --set parallel.ep=2")),
+  const std::vector<double> ref = metric_losses(train("world1", 1, model));
+  expect_parity(ref, metric_losses(train("zero3_ep2_x4", 4, model + "--set parallel.zero=3 --set parallel.ep=2")),
                 "zero3_ep2_x4");
 }
 
@@ -122,27 +104,27 @@ TEST_F(ParallelTrain, ShardedCheckpointResumesBitIdentically) {
   ASSERT_TRUE(fs::exists(ck / "shards.json"));
   ASSERT_TRUE(fs::exists(ck / "shard-00001-of-00002.safetensors"));
   const fs::path resumed = train("resumed", 2, sets + "--resume " + ck.string());
-  const std::vector<double> a = losses(full), b = losses(resumed);
+  const std::vector<double> a = metric_losses(full), b = metric_losses(resumed);
   ASSERT_EQ(a.size(), 8u);
   ASSERT_EQ(b.size(), 4u);
   for (size_t i = 0; i < 4; ++i) EXPECT_EQ(b[i], a[4 + i]) << "step " << 5 + i;
 
   // Another layout cannot load these shards: the error names both layouts.
-  CmdResult r = run("launch --nproc 2 -- train " + common_ + " --set parallel.zero=1 --set train.steps=8 --resume " +
+  test::MopResult r = run_mop("launch --nproc 2 -- train " + common_ + " --set parallel.zero=1 --set train.steps=8 --resume " +
                     ck.string() + " --set run.dir=" + (dir_ / "other").string());
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.out.find("saved by world 2 with zero 3 and ep 2"), std::string::npos) << r.out;
 }
 
 TEST_F(ParallelTrain, ImpossibleLayoutsPrintTheNumbers) {
-  CmdResult r = run("launch --nproc 2 -- train " + common_ + " --set parallel.ep=4 --set train.steps=1");
+  test::MopResult r = run_mop("launch --nproc 2 -- train " + common_ + " --set parallel.ep=4 --set train.steps=1");
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.out.find("parallel.ep = 4 does not divide the world size 2"), std::string::npos) << r.out;
-  r = run("launch --nproc 2 -- train " + common_ + " --set train.batch=3 --set train.steps=1");
+  r = run_mop("launch --nproc 2 -- train " + common_ + " --set train.batch=3 --set train.steps=1");
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.out.find("train.batch = 3"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("over 2 data-parallel ranks"), std::string::npos) << r.out;
-  r = run("train " + common_ + " --set parallel.ep=3 --set train.steps=1");
+  r = run_mop("train " + common_ + " --set parallel.ep=3 --set train.steps=1");
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.out.find("parallel.ep = 3 must be >= 1 and divide model.experts = 8"), std::string::npos) << r.out;
 }
@@ -214,3 +196,4 @@ TEST_F(ParallelTrain, KilledRankEndsTheRunWithAnError) {
 }
 
 }  // namespace
+}  // namespace mop

@@ -16,9 +16,10 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
+
+#include "run_mop.h"
 
 namespace fs = std::filesystem;
 
@@ -33,28 +34,8 @@ int gpu_count() {
   return n;
 }
 
-struct CmdResult {
-  int code;
-  std::string out;
-};
-
-CmdResult run(const std::string& args) {
-  const char* bin = std::getenv("MOP_BIN");
-  FILE* p = popen((std::string(bin ? bin : "mop") + " " + args + " 2>&1").c_str(), "r");
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  int status = pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
-}
-
-std::vector<double> losses(const fs::path& run_dir) {
-  std::ifstream f(run_dir / "metrics.jsonl");
-  std::vector<double> v;
-  for (std::string line; std::getline(f, line);) v.push_back(nlohmann::json::parse(line).at("loss").get<double>());
-  return v;
-}
+using mop::test::metric_losses;
+using mop::test::run_mop;
 
 double mean(const std::vector<double>& v, size_t a, size_t b) {
   double s = 0;
@@ -69,15 +50,15 @@ TEST(GpuParallelTrain, TwoGpusMatchOneGpu) {
   const std::string common =
       "train --set device=cuda --set train.sample_tokens=0 --set train.log_every=100 --set train.eval_every=10 "
       "--set train.steps=20 --set train.grad_accum=2 --set data.builtin_docs=400";
-  CmdResult r = run(common + " --set run.dir=" + (dir / "one").string());
+  mop::test::MopResult r = run_mop(common + " --set run.dir=" + (dir / "one").string());
   ASSERT_EQ(r.code, 0) << r.out;
-  const std::vector<double> ref = losses(dir / "one");
+  const std::vector<double> ref = metric_losses(dir / "one");
   ASSERT_EQ(ref.size(), 20u);
   for (const char* layout : {"", "--set parallel.ep=2"}) {
     const std::string name = *layout ? "ep2" : "dp2";
-    r = run("launch --nproc 2 -- " + common + " " + layout + " --set run.dir=" + (dir / name).string());
+    r = run_mop("launch --nproc 2 -- " + common + " " + layout + " --set run.dir=" + (dir / name).string());
     ASSERT_EQ(r.code, 0) << r.out;
-    const std::vector<double> got = losses(dir / name);
+    const std::vector<double> got = metric_losses(dir / name);
     ASSERT_EQ(got.size(), ref.size()) << name;
     double worst = 0;
     for (size_t i = 0; i < ref.size(); ++i) worst = std::max(worst, std::abs(got[i] - ref[i]) / ref[i]);
@@ -90,10 +71,10 @@ TEST(GpuParallelTrain, TwoGpusMatchOneGpu) {
   // A sharded GPU checkpoint resumes on the same layout.
   const fs::path ck = dir / "ep2" / "checkpoints" / "step_0000020";
   ASSERT_TRUE(fs::exists(ck / "shards.json")) << ck;
-  r = run("launch --nproc 2 -- " + common + " --set parallel.ep=2 --set train.steps=22 --resume " + ck.string() +
+  r = run_mop("launch --nproc 2 -- " + common + " --set parallel.ep=2 --set train.steps=22 --resume " + ck.string() +
           " --set run.dir=" + (dir / "ep2_resumed").string());
   EXPECT_EQ(r.code, 0) << r.out;
-  EXPECT_EQ(losses(dir / "ep2_resumed").size(), 2u);
+  EXPECT_EQ(metric_losses(dir / "ep2_resumed").size(), 2u);
   fs::remove_all(dir);
 }
 

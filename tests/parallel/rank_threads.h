@@ -8,7 +8,21 @@
 #include <thread>
 #include <vector>
 
+#include "parallel/launch.h"
+
 namespace mop::test {
+
+// Rank `rank` of `world` with a TCP rendezvous on this host at `port`.
+inline RankInfo local_rank_info(int rank, int world, int port) {
+  RankInfo r;
+  r.rank = rank;
+  r.world = world;
+  r.local_rank = rank;
+  r.launcher = "test";
+  r.master_addr = "127.0.0.1";
+  r.master_port = port;
+  return r;
+}
 
 inline void run_rank_threads(int W, const std::function<void(int rank)>& fn) {
   std::mutex mu;

@@ -14,15 +14,7 @@
 namespace mop {
 namespace {
 
-RankInfo rank_info(int rank, int world, int port) {
-  RankInfo r;
-  r.rank = rank;
-  r.world = world;
-  r.local_rank = rank;
-  r.master_addr = "127.0.0.1";
-  r.master_port = port;
-  return r;
-}
+RankInfo rank_info(int rank, int world, int port) { return test::local_rank_info(rank, world, port); }
 
 // Rows routed by `rank` to each of E experts: skewed, with empty experts and an empty rank.
 int rows_for(int rank, int e) {

@@ -42,16 +42,7 @@ TEST(GroupLayout, EpMustDivideWorld) {
   EXPECT_THROW(group_layout(0, 4, 0), Error);
 }
 
-RankInfo rank_info(int rank, int world, int port) {
-  RankInfo r;
-  r.rank = rank;
-  r.world = world;
-  r.local_rank = rank;
-  r.launcher = "test";
-  r.master_addr = "127.0.0.1";
-  r.master_port = port;
-  return r;
-}
+RankInfo rank_info(int rank, int world, int port) { return test::local_rank_info(rank, world, port); }
 
 int sum_of(const std::vector<int>& v) { return std::accumulate(v.begin(), v.end(), 0); }
 

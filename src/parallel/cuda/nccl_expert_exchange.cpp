@@ -9,14 +9,6 @@
 
 namespace mop {
 
-namespace {
-std::vector<size_t> scaled(const std::vector<size_t>& rows, int D) {
-  std::vector<size_t> v(rows);
-  for (size_t& x : v) x *= size_t(D);
-  return v;
-}
-}  // namespace
-
 std::shared_ptr<GpuExpertPlan> plan_expert_exchange_gpu(ProcessGroup& host_ep, const int32_t* offsets_E1, int E,
                                                         cudaStream_t stream) {
   auto p = std::make_shared<GpuExpertPlan>();
@@ -38,7 +30,7 @@ std::shared_ptr<GpuExpertPlan> plan_expert_exchange_gpu(ProcessGroup& host_ep, c
 
 void expert_dispatch_gpu(NcclGroup& ep, const GpuExpertPlan& p, const __nv_bfloat16* rows_MD,
                          __nv_bfloat16* rows_RD, __nv_bfloat16* scratch_RD, int D) {
-  ep.all_to_all_v_async(rows_MD, scaled(p.plan.send_rows, D), scratch_RD, scaled(p.plan.recv_rows, D),
+  ep.all_to_all_v_async(rows_MD, row_elements(p.plan.send_rows, D), scratch_RD, row_elements(p.plan.recv_rows, D),
                         DType::bf16);  // stream-ordered on the compute stream; no host wait
   const int R = int(p.plan.order.size());
   if (R > 0)
@@ -50,7 +42,7 @@ void expert_return_gpu(NcclGroup& ep, const GpuExpertPlan& p, const __nv_bfloat1
   const int R = int(p.plan.order.size());
   if (R > 0)  // out[i] = in[order[i]]: back to source-major
     cuda::moe_permute_backward(scratch_RD, rows_RD, p.order.as<int32_t>(), R, 1, D, ep.stream());
-  ep.all_to_all_v_async(scratch_RD, scaled(p.plan.recv_rows, D), rows_MD, scaled(p.plan.send_rows, D),
+  ep.all_to_all_v_async(scratch_RD, row_elements(p.plan.recv_rows, D), rows_MD, row_elements(p.plan.send_rows, D),
                         DType::bf16);
 }
 
