@@ -10,6 +10,7 @@
 
 #include "checkpoint/checkpoint.h"
 #include "checkpoint/hf.h"
+#include "parallel/sharded_checkpoint.h"
 #include "data/prepare.h"
 #include "model/decoder.h"
 #include "parallel/launch.h"
@@ -25,7 +26,12 @@ int train(const TrainArgs& a) {
   Config cfg;
   if (!a.resume.empty()) {
     MOP_CHECK(a.config.empty(), "--resume continues with the checkpoint's config; use --set to change keys, not --config");
-    cfg = checkpoint_config(resolve_checkpoint(a.resume), ov);
+    // The checkpoint's world size is a record, not a requirement: a run may resume on another
+    // layout (the checkpoint is then resharded) unless --set parallel.world asks for one.
+    Overrides with_world = ov;
+    if (std::none_of(ov.begin(), ov.end(), [](const auto& kv) { return kv.first == "parallel.world"; }))
+      with_world.insert(with_world.begin(), {"parallel.world", "0"});
+    cfg = checkpoint_config(resolve_checkpoint(a.resume), with_world);
   } else {
     cfg = load_config(a.config, ov);
   }
@@ -138,7 +144,9 @@ int export_hf(const std::string& checkpoint, const std::string& out) {
   Config cfg = checkpoint_config(dir, {});
   ParamTable table = build_param_table(cfg.model, cfg.train.decay_embeddings);
   HostArray<float> params(size_t(table.total), Mem::params);
-  load_checkpoint(dir, table, params.data(), nullptr, nullptr);
+  // Single-rank or sharded (any layout): the whole model.
+  read_checkpoint_for_table(dir, cfg.model, cfg.train.decay_embeddings, table, params.data(), nullptr, nullptr,
+                            nullptr, nullptr);
   hf_export(out, cfg.model, table, params.data());
   fmt::print("exported {} ({} parameters) to {}\n", dir, table.total, out);
   return 0;

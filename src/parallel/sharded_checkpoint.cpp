@@ -2,9 +2,12 @@
 
 #include <filesystem>
 #include <fstream>
+#include <cstring>
+#include <map>
 #include <optional>
 
 #include "checkpoint/atomic_dir.h"
+#include "checkpoint/safetensors.h"
 #include "core/error.h"
 
 namespace fs = std::filesystem;
@@ -48,6 +51,91 @@ nlohmann::json read_json(const std::string& path) {
 }  // namespace
 
 bool is_sharded_checkpoint(const std::string& dir) { return fs::exists(fs::path(dir) / kShardIndex); }
+
+ShardLayout sharded_checkpoint_layout(const std::string& dir) {
+  const std::string index = (fs::path(dir) / kShardIndex).string();
+  const nlohmann::json idx = read_json(index);
+  ShardLayout l{idx.value("world", -1), idx.value("zero", -1), idx.value("ep", -1)};
+  MOP_CHECK(l.world >= 1 && l.ep >= 1 && l.world % l.ep == 0 && l.zero >= 0 && l.zero <= 3,
+            "{}: bad layout world {} zero {} ep {}", index, l.world, l.zero, l.ep);
+  return l;
+}
+
+namespace {
+
+// Rebuilds the whole model from a sharded checkpoint: for every expert-parallel block's table,
+// each unit's chunks come from the ranks of the group it was sharded over (all ranks for dense
+// units; ranks q, q + ep, ... for expert block q), in group-rank order.
+void read_sharded_whole(const std::string& dir, const ModelConfig& c, bool decay_embeddings, const ParamTable& whole,
+                        float* params, float* m, float* v) {
+  const ShardLayout l = sharded_checkpoint_layout(dir);
+  MOP_CHECK(c.experts % l.ep == 0, "{}: ep {} does not divide the model's {} experts", dir, l.ep, c.experts);
+  std::map<int, ckpt::SafetensorsFile> files;
+  auto file = [&](int r) -> const ckpt::SafetensorsFile& {
+    auto it = files.find(r);
+    if (it == files.end()) it = files.emplace(r, ckpt::SafetensorsFile((fs::path(dir) / shard_name(r, l.world)).string())).first;
+    return it->second;
+  };
+  std::map<std::string, int64_t> offset;  // name -> offset in `whole`
+  for (const auto& p : whole.params) offset[p.name] = p.offset;
+  const int El = int(c.experts / l.ep);
+  for (int q = 0; q < l.ep; ++q) {
+    const ParamTable block = build_param_table(c, decay_embeddings, ExpertRange{q * El, El});
+    for (const ZeroUnitSpec& u : zero_units(block)) {
+      if (!u.experts && q > 0) continue;  // dense units are the same in every block
+      const int G = u.experts ? l.world / l.ep : l.world;
+      const int64_t chunk = (u.numel + G - 1) / G;
+      std::vector<float> up(size_t(u.numel)), um(size_t(u.numel)), uv(size_t(u.numel));
+      for (int k = 0; k < G; ++k) {
+        const int rank = u.experts ? q + k * l.ep : k;
+        const int64_t b = std::min(u.numel, k * chunk), n = std::min(u.numel, b + chunk) - b;
+        const ckpt::SafetensorsFile& f = file(rank);
+        f.read_into(u.name + ".param", DType::f32, {n}, up.data() + b);
+        f.read_into(u.name + ".exp_avg", DType::f32, {n}, um.data() + b);
+        f.read_into(u.name + ".exp_avg_sq", DType::f32, {n}, uv.data() + b);
+      }
+      for (const ParamSpec& p : u.sub.params) {
+        const auto it = offset.find(p.name);
+        MOP_CHECK(it != offset.end(), "{}: tensor {} is not in the model", dir, p.name);
+        const size_t bytes = sizeof(float) * size_t(p.numel);
+        std::memcpy(params + it->second, up.data() + p.offset, bytes);
+        if (m) std::memcpy(m + it->second, um.data() + p.offset, bytes);
+        if (v) std::memcpy(v + it->second, uv.data() + p.offset, bytes);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void read_checkpoint_for_table(const std::string& dir, const ModelConfig& c, bool decay_embeddings,
+                               const ParamTable& table, float* params, float* m, float* v, TrainState* st,
+                               int64_t* optimizer_steps) {
+  const ParamTable whole = build_param_table(c, decay_embeddings);
+  HostArray<float> wp(size_t(whole.total), Mem::workspace);
+  HostArray<float> wm(m ? size_t(whole.total) : 0, Mem::workspace), wv(v ? size_t(whole.total) : 0, Mem::workspace);
+  int64_t steps = 0;
+  if (is_sharded_checkpoint(dir)) {
+    read_sharded_whole(dir, c, decay_embeddings, whole, wp.data(), m ? wm.data() : nullptr, v ? wv.data() : nullptr);
+    if (st || optimizer_steps) read_train_state((fs::path(dir) / "state.json").string(), st, &steps);
+  } else if (m || v || st) {
+    AdamW opt(whole, OptimizerSettings{});
+    load_checkpoint(dir, whole, wp.data(), &opt, st);
+    steps = opt.steps_taken();
+    if (m) std::memcpy(wm.data(), opt.m(), sizeof(float) * size_t(whole.total));
+    if (v) std::memcpy(wv.data(), opt.v(), sizeof(float) * size_t(whole.total));
+  } else {
+    load_checkpoint(dir, whole, wp.data(), nullptr, nullptr);
+  }
+  if (optimizer_steps) *optimizer_steps = steps;
+  for (const auto& p : table.params) {
+    const ParamSpec& w = whole.find(p.name);
+    const size_t bytes = sizeof(float) * size_t(p.numel);
+    std::memcpy(params + p.offset, wp.data() + w.offset, bytes);
+    if (m) std::memcpy(m + p.offset, wm.data() + w.offset, bytes);
+    if (v) std::memcpy(v + p.offset, wv.data() + w.offset, bytes);
+  }
+}
 
 std::string save_sharded_run_checkpoint(const std::string& run_dir, int64_t keep, const Config& cfg,
                                         const ShardLayout& layout, const ZeroParams& z, ProcessGroup& world,

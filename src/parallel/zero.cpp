@@ -59,35 +59,50 @@ void merge(LayerView<float>& dst, const LayerView<float>& src) {
 
 }  // namespace
 
-ZeroParams::ZeroParams(const ParamTable& table, const ModelConfig& c, int stage, ProcessGroup& dense,
-                       ProcessGroup& experts, OptimizerSettings opt)
-    : table_(table), c_(c), stage_(stage), opt_(opt), world_(&dense) {
-  MOP_CHECK(stage >= 0 && stage <= 3, "parallel.zero = {}: must be 0, 1, 2 or 3", stage);
-  // Group the table's parameters into units; each must be one contiguous range (params.cpp
-  // orders a layer's dense parameters before its routed experts for this).
+std::vector<ZeroUnitSpec> zero_units(const ParamTable& table) {
+  // Each unit must be one contiguous range (params.cpp orders a layer's dense parameters before
+  // its routed experts for this).
+  std::vector<ZeroUnitSpec> units;
   for (const ParamSpec& p : table.params) {
     const bool is_expert = p.role == ParamRole::expert_gate_up || p.role == ParamRole::expert_down;
     std::string name = p.layer >= 0 ? fmt::format("layers.{}{}", p.layer, is_expert ? ".experts" : "")
                                     : (p.role == ParamRole::embedding ? "embed" : "head");
-    if (units_.empty() || units_.back().name != name) {
-      for (const Unit& u : units_)
+    if (units.empty() || units.back().name != name) {
+      for (const ZeroUnitSpec& u : units)
         MOP_CHECK(u.name != name, "zero: parameters of unit '{}' are not contiguous in the table ({})", name, p.name);
-      Unit u;
+      ZeroUnitSpec u;
       u.name = std::move(name);
       u.layer = p.layer;
       u.experts = is_expert;
       u.begin = p.offset;
-      u.group = is_expert ? &experts : &dense;
       u.sub.experts = table.experts;
-      units_.push_back(std::move(u));
+      units.push_back(std::move(u));
     }
-    Unit& u = units_.back();
+    ZeroUnitSpec& u = units.back();
     MOP_CHECK(p.offset == u.begin + u.numel, "zero: unit '{}' has a gap before {}", u.name, p.name);
     ParamSpec q = p;
     q.offset = u.numel;
     u.sub.params.push_back(std::move(q));
     u.numel += p.numel;
     u.sub.total = u.numel;
+  }
+  return units;
+}
+
+ZeroParams::ZeroParams(const ParamTable& table, const ModelConfig& c, int stage, ProcessGroup& dense,
+                       ProcessGroup& experts, OptimizerSettings opt)
+    : table_(table), c_(c), stage_(stage), opt_(opt), world_(&dense) {
+  MOP_CHECK(stage >= 0 && stage <= 3, "parallel.zero = {}: must be 0, 1, 2 or 3", stage);
+  for (ZeroUnitSpec& spec : zero_units(table)) {
+    Unit u;
+    u.name = std::move(spec.name);
+    u.layer = spec.layer;
+    u.experts = spec.experts;
+    u.begin = spec.begin;
+    u.numel = spec.numel;
+    u.sub = std::move(spec.sub);
+    u.group = u.experts ? &experts : &dense;
+    units_.push_back(std::move(u));
   }
   for (Unit& u : units_) {
     const int P = u.group->size(), r = u.group->rank();
@@ -134,10 +149,10 @@ void ZeroParams::gather_full(float* params) {
 }
 
 void ZeroParams::set_full_moments(const float* m, const float* v) {
-  MOP_CHECK(stage_ == 0, "zero: full moments exist at stage 0 only (stage {})", stage_);
   for (Unit& u : units_) {
-    std::memcpy(u.m.data(), m + u.begin, sizeof(float) * size_t(u.numel));
-    std::memcpy(u.v.data(), v + u.begin, sizeof(float) * size_t(u.numel));
+    const int64_t lo = stage_ == 0 ? 0 : u.shard_begin, n = stage_ == 0 ? u.numel : u.shard_n;
+    std::memcpy(u.m.data(), m + u.begin + lo, sizeof(float) * size_t(n));
+    std::memcpy(u.v.data(), v + u.begin + lo, sizeof(float) * size_t(n));
   }
 }
 

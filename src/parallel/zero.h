@@ -32,6 +32,17 @@
 
 namespace mop {
 
+// The units of a table, in table order (each one contiguous range): what ZeroParams shards and
+// what a sharded checkpoint's "<unit>.param" tensors hold.
+struct ZeroUnitSpec {
+  std::string name;          // embed | layers.<l> | layers.<l>.experts | head
+  int layer = -1;
+  bool experts = false;
+  int64_t begin = 0, numel = 0;
+  ParamTable sub;            // the unit's parameters, offsets from the unit start
+};
+std::vector<ZeroUnitSpec> zero_units(const ParamTable& table);
+
 class ZeroParams final : public ParamSource<float> {
  public:
   // table: this rank's table (all experts, or its expert-parallel block). dense: the group dense
@@ -46,8 +57,9 @@ class ZeroParams final : public ParamSource<float> {
   // Collective: every local parameter, gathered, laid out by the table.
   void gather_full(float* params);
 
-  // Stage 0 only (every rank holds everything): the AdamW moments laid out by the table, in and
-  // out. Lets a GPU run's state use the same sharded checkpoint files.
+  // The AdamW moments laid out by the table: each rank keeps its part (set, any stage); all of
+  // them (get, stage 0 only: every rank holds everything). A GPU run's state goes through these
+  // into the same sharded checkpoint files; a checkpoint of another layout comes in through set.
   void set_full_moments(const float* m, const float* v);
   void get_full_moments(float* m, float* v) const;
 

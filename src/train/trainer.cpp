@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 
@@ -119,58 +120,72 @@ Trainer::Trainer(Config cfg, TrainOptions opt) : cfg_(std::move(cfg)), opt_(std:
   state_.rng_state = hash_seed(cfg_.train.seed, "sampling");
 
   data_ = make_run_data(cfg_);
-  if (sharded_cpu) {
-    if (!opt_.init_from.empty()) {
-      const std::string dir = resolve_checkpoint(opt_.init_from);
-      MOP_CHECK(!is_sharded_checkpoint(dir), "--init-from {}: a sharded checkpoint; start from a single-rank one", dir);
-      load_checkpoint(dir, table_, params_.data(), nullptr, nullptr);  // this rank's tensors only
-      log(fmt::format("initialised weights from {}", dir));
-    } else {
-      init_params(table_, params_.data(), cfg_.train.seed);  // seeded per tensor name: the same on any layout
+  // Where the weights come from. Resuming a sharded checkpoint of this very layout reads this
+  // rank's shard file only; any other checkpoint (single-rank, or another layout) is read whole
+  // and each rank keeps its tensors and the moments of its part.
+  std::string resume_dir;
+  bool own_shards = false;
+  if (!opt_.resume.empty()) {
+    resume_dir = resolve_checkpoint(opt_.resume);
+    own_shards = parallel && is_sharded_checkpoint(resume_dir) && sharded_checkpoint_layout(resume_dir) == shard_layout();
+  }
+  const bool whole = !resume_dir.empty() && !own_shards && (parallel || is_sharded_checkpoint(resume_dir));
+  HostArray<float> resume_m, resume_v;
+  int64_t resume_steps = 0;
+  if (whole) {
+    resume_m = HostArray<float>(size_t(table_.total), Mem::optimizer);
+    resume_v = HostArray<float>(size_t(table_.total), Mem::optimizer);
+    read_checkpoint_for_table(resume_dir, cfg_.model, cfg_.train.decay_embeddings, table_, params_.data(),
+                              resume_m.data(), resume_v.data(), &state_, &resume_steps);
+    if (is_sharded_checkpoint(resume_dir)) {
+      const ShardLayout from = sharded_checkpoint_layout(resume_dir), to = shard_layout();
+      log(fmt::format("resharding: checkpoint of world {} zero {} ep {} -> world {} zero {} ep {}", from.world,
+                      from.zero, from.ep, to.world, to.zero, to.ep));
     }
+  } else if (!resume_dir.empty() && !own_shards) {  // one rank, a single-rank checkpoint
+    load_checkpoint(resume_dir, table_, params_.data(), adamw_.get(), &state_);
+  } else if (resume_dir.empty() && !opt_.init_from.empty()) {
+    const std::string dir = resolve_checkpoint(opt_.init_from);
+    read_checkpoint_for_table(dir, cfg_.model, cfg_.train.decay_embeddings, table_, params_.data(), nullptr, nullptr,
+                              nullptr, nullptr);
+    log(fmt::format("initialised weights from {}", dir));
+  } else if (resume_dir.empty()) {
+    init_params(table_, params_.data(), cfg_.train.seed);  // seeded per tensor name: the same on any layout
+  }
+  auto resumed = [&] {
+    if (resume_dir.empty()) return;
+    data_.train->set_cursor(state_.cursor);
+    log(fmt::format("resumed from {} at step {}", resume_dir, state_.step));
+  };
+
+  if (sharded_cpu) {
     zero_ = std::make_unique<ZeroParams>(table_, cfg_.model, int(cfg_.parallel.zero), *groups_->world,
                                          *groups_->edp, os);
     zero_->load_full(params_.data());
-    params_ = HostArray<float>();  // the ZeRO units hold the weights now
-    if (!opt_.resume.empty()) {
-      const std::string dir = resolve_checkpoint(opt_.resume);
-      MOP_CHECK(is_sharded_checkpoint(dir),
-                "--resume {}: written by a single-rank run; resume it on one rank, or start from its weights with "
-                "--init-from",
-                dir);
-      load_sharded_checkpoint(dir, shard_layout(), *zero_, *groups_->world, &state_);
-      data_.train->set_cursor(state_.cursor);
-      log(fmt::format("resumed from {} at step {}", dir, state_.step));
+    if (whole) {
+      zero_->set_full_moments(resume_m.data(), resume_v.data());
+      zero_->set_steps_taken(resume_steps);
     }
+    params_ = HostArray<float>();  // the ZeRO units hold the weights now
+    if (own_shards) load_sharded_checkpoint(resume_dir, shard_layout(), *zero_, *groups_->world, &state_);
+    resumed();
     model_ = std::make_unique<Decoder<float>>(cfg_.model, table_);
     model_->bind(zero_.get());
     model_->set_moe_comm(MoeComm{groups_->ep.get(), groups_->world.get()});
     return;
   }
-  if (!opt_.resume.empty() && parallel) {  // a multi-GPU run: its shards hold stage-0 state
-    const std::string dir = resolve_checkpoint(opt_.resume);
-    MOP_CHECK(is_sharded_checkpoint(dir), "--resume {}: written by a single-rank run; resume it on one rank", dir);
+  if (own_shards) {  // a multi-GPU run of the same layout: its shards hold stage-0 state
     ZeroParams zp(table_, cfg_.model, 0, *groups_->world, *groups_->edp, os);
-    load_sharded_checkpoint(dir, shard_layout(), zp, *groups_->world, &state_);
+    load_sharded_checkpoint(resume_dir, shard_layout(), zp, *groups_->world, &state_);
     zp.gather_full(params_.data());
     zp.get_full_moments(adamw_->m(), adamw_->v());
     adamw_->set_steps_taken(zp.steps_taken());
-    data_.train->set_cursor(state_.cursor);
-    log(fmt::format("resumed from {} at step {}", dir, state_.step));
-  } else if (!opt_.resume.empty()) {
-    const std::string dir = resolve_checkpoint(opt_.resume);
-    MOP_CHECK(!is_sharded_checkpoint(dir), "--resume {}: written by a sharded run; resume it with the same layout", dir);
-    load_checkpoint(dir, table_, params_.data(), adamw_.get(), &state_);
-    data_.train->set_cursor(state_.cursor);
-    log(fmt::format("resumed from {} at step {}", dir, state_.step));
-  } else if (!opt_.init_from.empty()) {
-    const std::string dir = resolve_checkpoint(opt_.init_from);
-    MOP_CHECK(!is_sharded_checkpoint(dir), "--init-from {}: a sharded checkpoint; start from a single-rank one", dir);
-    load_checkpoint(dir, table_, params_.data(), nullptr, nullptr);
-    log(fmt::format("initialised weights from {}", dir));
-  } else {
-    init_params(table_, params_.data(), cfg_.train.seed);
+  } else if (whole) {
+    std::memcpy(adamw_->m(), resume_m.data(), sizeof(float) * size_t(table_.total));
+    std::memcpy(adamw_->v(), resume_v.data(), sizeof(float) * size_t(table_.total));
+    adamw_->set_steps_taken(resume_steps);
   }
+  resumed();
   model_ = std::make_unique<Decoder<float>>(cfg_.model, table_);
   model_->bind(params_.data(), grads_.empty() ? nullptr : grads_.data());
 #ifdef MOP_HAVE_CUDA

@@ -16,6 +16,7 @@
 
 #include <chrono>
 #include <thread>
+#include <tuple>
 
 #include <cstdio>
 #include <filesystem>
@@ -97,7 +98,7 @@ TEST_F(ParallelTrain, DeepSeekStyleModelMatchesOneRank) {
                 "zero3_ep2_x4");
 }
 
-TEST_F(ParallelTrain, ShardedCheckpointResumesBitIdentically) {
+TEST_F(ParallelTrain, ShardedCheckpointResumesOnAnyLayout) {
   const std::string sets = "--set parallel.zero=3 --set parallel.ep=2 --set train.grad_accum=2 --set train.steps=8 ";
   const fs::path full = train("full", 2, sets + "--set train.save_every=4 --set train.keep_checkpoints=4");
   const fs::path ck = full / "checkpoints" / "step_0000004";
@@ -109,11 +110,22 @@ TEST_F(ParallelTrain, ShardedCheckpointResumesBitIdentically) {
   ASSERT_EQ(b.size(), 4u);
   for (size_t i = 0; i < 4; ++i) EXPECT_EQ(b[i], a[4 + i]) << "step " << 5 + i;
 
-  // Another layout cannot load these shards: the error names both layouts.
-  test::MopResult r = run_mop("launch --nproc 2 -- train " + common_ + " --set parallel.zero=1 --set train.steps=8 --resume " +
-                    ck.string() + " --set run.dir=" + (dir_ / "other").string());
-  EXPECT_NE(r.code, 0);
-  EXPECT_NE(r.out.find("saved by world 2 with zero 3 and ep 2"), std::string::npos) << r.out;
+  // Another layout (or one rank) reads the shards whole and keeps its part: the run goes on as the
+  // original did, within the layouts' parity tolerance.
+  for (const auto& [name, world, layout] : {std::tuple<const char*, int, const char*>{"one_rank", 1, "--set parallel.ep=1 --set parallel.zero=0"},
+                                            {"zero1_ep4_x4", 4, "--set parallel.zero=1 --set parallel.ep=4"}}) {
+    const fs::path rd = train(name, world,
+                              "--set train.grad_accum=2 --set train.steps=8 " + std::string(layout) + " --resume " +
+                                  ck.string());
+    const std::vector<double> c = metric_losses(rd);
+    ASSERT_EQ(c.size(), 4u) << name;
+    for (size_t i = 0; i < 4; ++i) EXPECT_NEAR(c[i], a[4 + i], 1e-6 * a[4 + i]) << name << " step " << 5 + i;
+  }
+  // The sharded checkpoint exports like a single-rank one.
+  const fs::path hf = dir_ / "hf";
+  test::MopResult r = run_mop("export --checkpoint " + ck.string() + " --out " + hf.string());
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_TRUE(fs::exists(hf / "model.safetensors")) << r.out;
 }
 
 TEST_F(ParallelTrain, ImpossibleLayoutsPrintTheNumbers) {
