@@ -199,7 +199,12 @@ Trainer::Trainer(Config cfg, TrainOptions opt) : cfg_(std::move(cfg)), opt_(std:
     // bf16 gradients when a step has one micro-batch: each gradient is then rounded to bf16 exactly
     // once, as PyTorch's bf16 autograd gradients are; accumulating several micro-batches keeps fp32.
     go.bf16_grads = cfg_.train.grad_accum == 1;
-    if (parallel) MOP_CUDA_CHECK(cudaSetDevice(rank_.local_rank % cuda::device_count()));  // one GPU per local rank
+    if (parallel) {  // one GPU per local rank
+      const int gpus = cuda::device_count(), local = local_world_size(rank_);
+      MOP_CHECK(local <= gpus, "{} ranks on this node but {} GPU(s) visible: a GPU run needs one GPU per rank", local,
+                gpus);
+      MOP_CUDA_CHECK(cudaSetDevice(rank_.local_rank % gpus));
+    }
     gpu_ = std::make_unique<GpuDecoder>(cfg_.model, table_, go);
     gpu_->upload_params(params_.data());
     if (parallel) setup_gpu_comm();
