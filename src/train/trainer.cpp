@@ -200,10 +200,11 @@ Trainer::Trainer(Config cfg, TrainOptions opt) : cfg_(std::move(cfg)), opt_(std:
     // once, as PyTorch's bf16 autograd gradients are; accumulating several micro-batches keeps fp32.
     go.bf16_grads = cfg_.train.grad_accum == 1;
     if (parallel) {  // one GPU per local rank
-      const int gpus = cuda::device_count(), local = local_world_size(rank_);
-      MOP_CHECK(local <= gpus, "{} ranks on this node but {} GPU(s) visible: a GPU run needs one GPU per rank", local,
-                gpus);
-      MOP_CUDA_CHECK(cudaSetDevice(rank_.local_rank % gpus));
+      const int gpus = cuda::device_count();
+      MOP_CHECK(rank_.local_rank < gpus,
+                "rank {} has local rank {} but {} GPU(s) are visible: a GPU run needs one GPU per rank on each node",
+                rank_.rank, rank_.local_rank, gpus);
+      MOP_CUDA_CHECK(cudaSetDevice(rank_.local_rank));
     }
     gpu_ = std::make_unique<GpuDecoder>(cfg_.model, table_, go);
     gpu_->upload_params(params_.data());
