@@ -5,7 +5,7 @@
 #include <string>
 #include <vector>
 
-#include "bench/ops_bench.h"
+#include "cli/ops_bench/ops_bench.h"
 
 namespace mop::cli {
 

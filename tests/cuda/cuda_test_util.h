@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "bench/cuda/event_timer.h"
+#include "ops/cuda/event_timer.h"
 #include "core/dtype.h"
 #include "cuda_check.h"
 
@@ -104,7 +104,7 @@ inline void expect_close(const std::vector<float>& got, const std::vector<float>
 
 constexpr double kBf16Eps = 1.0 / 256;  // 2^-8: spacing of bf16 just above 1
 
-// Median ms per call of f() on the default stream, after `warmup` calls (bench/cuda/event_timer.h).
-using ::mop::bench::median_ms;
+// Median ms per call of f() on the default stream, after `warmup` calls (ops/cuda/event_timer.h).
+using ::mop::cuda::median_ms;
 
 }  // namespace mop::test

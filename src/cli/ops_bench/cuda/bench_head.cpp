@@ -13,7 +13,7 @@
 #include <cstring>
 #include <vector>
 
-#include "bench/cuda/ops_cases.h"
+#include "cli/ops_bench/cuda/ops_cases.h"
 #include "core/dtype.h"
 #include "ops/cuda/blas.h"
 #include "ops/cuda/check.cuh"

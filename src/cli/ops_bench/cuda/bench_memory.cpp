@@ -8,8 +8,8 @@
 #include <unordered_set>
 #include <vector>
 
-#include "bench/cuda/fill.h"
-#include "bench/cuda/ops_cases.h"
+#include "cli/ops_bench/cuda/fill.h"
+#include "cli/ops_bench/cuda/ops_cases.h"
 #include "model/ffn_block.h"
 #include "model/params.h"
 #include "ops/cuda/adamw.h"

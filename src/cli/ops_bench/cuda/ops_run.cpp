@@ -8,8 +8,8 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "bench/cuda/fill.h"
-#include "bench/cuda/ops_cases.h"
+#include "cli/ops_bench/cuda/fill.h"
+#include "cli/ops_bench/cuda/ops_cases.h"
 #include "ops/cuda/check.cuh"
 #include "ops/cuda/grouped_matmul.h"
 #include "ops/cuda/matmul.h"

@@ -18,7 +18,7 @@
 
 #include "ops/cuda/check.cuh"
 
-namespace mop::bench {
+namespace mop::cuda {
 
 struct TimingOptions {
   int warmup = 3;         // untimed calls first (module load, plan choice, handle creation)
@@ -75,4 +75,4 @@ double median_ms(F&& f, int warmup = 3, int samples = 20) {
   return time_events(f, nullptr, o).median_ms;
 }
 
-}  // namespace mop::bench
+}  // namespace mop::cuda

@@ -1,4 +1,4 @@
-#include "bench/ops_bench.h"
+#include "cli/ops_bench/ops_bench.h"
 
 #include <fstream>
 
@@ -6,7 +6,7 @@
 #include "model/config.h"
 
 #ifdef MOP_HAVE_CUDA
-#include "bench/cuda/ops_cases.h"
+#include "cli/ops_bench/cuda/ops_cases.h"
 #include "ops/cuda/runtime.h"
 #endif
 

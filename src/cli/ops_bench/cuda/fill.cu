@@ -1,6 +1,6 @@
 #include <algorithm>
 
-#include "bench/cuda/fill.h"
+#include "cli/ops_bench/cuda/fill.h"
 #include "ops/cuda/check.cuh"
 
 namespace mop::bench {

@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "bench/cuda/ops_cases.h"
+#include "cli/ops_bench/cuda/ops_cases.h"
 #include "ops/cuda/check.cuh"
 #include "ops/cuda/grouped_matmul.h"
 #include "ops/cuda/matmul.h"

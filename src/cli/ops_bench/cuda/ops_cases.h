@@ -8,13 +8,18 @@
 #include <deque>
 #include <string>
 
-#include "bench/cuda/event_timer.h"
-#include "bench/cuda/fill.h"
-#include "bench/ops_bench.h"
+#include "ops/cuda/event_timer.h"
+#include "cli/ops_bench/cuda/fill.h"
+#include "cli/ops_bench/ops_bench.h"
 #include "core/alloc.h"
 #include "model/config.h"
 
 namespace mop::bench {
+
+using cuda::median_ms;
+using cuda::time_events;
+using cuda::Timing;
+using cuda::TimingOptions;
 
 int run_ops_cases(const OpsBenchOptions& o);
 

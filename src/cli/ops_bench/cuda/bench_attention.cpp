@@ -7,7 +7,7 @@
 #include <cmath>
 #include <vector>
 
-#include "bench/cuda/ops_cases.h"
+#include "cli/ops_bench/cuda/ops_cases.h"
 #include "ops/cuda/attention.h"
 #include "ops/cuda/check.cuh"
 
