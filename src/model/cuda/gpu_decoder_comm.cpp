@@ -21,10 +21,6 @@ namespace mop {
 
 using bf16 = __nv_bfloat16;
 
-namespace {
-bool multi(const ProcessGroup* g) { return g && g->size() > 1; }
-}  // namespace
-
 bool GpuDecoder::expert_parallel() const {
 #ifdef MOP_HAVE_NCCL
   return comm_.ep && comm_.ep->size() > 1;
