@@ -46,7 +46,9 @@ int eval(const EvalArgs& a) {
   configure_threads(cfg.train.threads);
   ParamTable table = build_param_table(cfg.model, cfg.train.decay_embeddings);
   HostArray<float> params(size_t(table.total), Mem::params);
-  load_checkpoint(dir, table, params.data(), nullptr, nullptr);
+  // A single-rank or a sharded checkpoint (any layout): the whole model, on one rank.
+  read_checkpoint_for_table(dir, cfg.model, cfg.train.decay_embeddings, table, params.data(), nullptr, nullptr,
+                            nullptr, nullptr);
   Decoder<float> model(cfg.model, table);
   model.bind(params.data(), nullptr);
 

@@ -121,7 +121,14 @@ TEST_F(ParallelTrain, ShardedCheckpointResumesOnAnyLayout) {
     ASSERT_EQ(c.size(), 4u) << name;
     for (size_t i = 0; i < 4; ++i) EXPECT_NEAR(c[i], a[4 + i], 1e-6 * a[4 + i]) << name << " step " << 5 + i;
   }
-  // The sharded checkpoint exports like a single-rank one.
+  // The sharded checkpoint evaluates and exports like a single-rank one.
+  {
+    std::ofstream text(dir_ / "eval.txt");
+    for (int i = 0; i < 40; ++i) text << "Once upon a time a small dog lived near the farm and liked seeds.\n\n";
+  }
+  test::MopResult ev = run_mop("eval --checkpoint " + ck.string() + " --data " + (dir_ / "eval.txt").string());
+  EXPECT_EQ(ev.code, 0) << ev.out;
+  EXPECT_NE(ev.out.find("eval_loss="), std::string::npos) << ev.out;
   const fs::path hf = dir_ / "hf";
   test::MopResult r = run_mop("export --checkpoint " + ck.string() + " --out " + hf.string());
   EXPECT_EQ(r.code, 0) << r.out;
