@@ -322,8 +322,8 @@ void ZeroParams::update_buffer(const ParamSpec& p, const std::function<void(int6
     // Replicated parameters: every rank updates all elements. Stage 3: only the chunk held here.
     const int64_t lo = stage_ == 3 ? std::max(off, u.shard_begin) : off;
     const int64_t hi = stage_ == 3 ? std::min(off + p.numel, u.shard_begin + u.shard_n) : off + p.numel;
-    float* base = stage_ == 3 ? u.w_shard.data() - u.shard_begin : u.w_full.data();
-    for (int64_t i = lo; i < hi; ++i) fn(i - off, base[i]);
+    for (int64_t i = lo; i < hi; ++i)  // i: unit coordinates
+      fn(i - off, stage_ == 3 ? u.w_shard[size_t(i - u.shard_begin)] : u.w_full[size_t(i)]);
     return;
   }
   MOP_FAIL("zero: parameter {} is not in this rank's table", p.name);
