@@ -4,6 +4,17 @@
 
 namespace mop {
 
+cpu::AdamWStep adamw_args(const OptimizerSettings& s, double lr, int64_t step, double grad_scale) {
+  cpu::AdamWStep a;
+  a.lr = float(lr);
+  a.beta1 = float(s.beta1);
+  a.beta2 = float(s.beta2);
+  a.eps = float(s.eps);
+  a.step = int(step);
+  a.grad_scale = float(grad_scale);
+  return a;
+}
+
 AdamW::AdamW(const ParamTable& t, OptimizerSettings s)
     : table_(t), s_(s), m_(size_t(t.total), Mem::optimizer), v_(size_t(t.total), Mem::optimizer) {}
 
@@ -16,16 +27,8 @@ double AdamW::grad_norm(const float* grads) const {
 
 double AdamW::step(float* params, const float* grads, double lr) {
   const double norm = grad_norm(grads);
-  double scale = 1.0;
-  if (s_.clip > 0 && norm > s_.clip) scale = s_.clip / (norm + 1e-6);
   ++step_;
-  cpu::AdamWStep a;
-  a.lr = float(lr);
-  a.beta1 = float(s_.beta1);
-  a.beta2 = float(s_.beta2);
-  a.eps = float(s_.eps);
-  a.step = int(step_);
-  a.grad_scale = float(scale);
+  cpu::AdamWStep a = adamw_args(s_, lr, step_, clip_scale(norm, s_.clip));
   for (const auto& p : table_.params) {
     if (!p.trainable) continue;
     a.weight_decay = p.decay ? float(s_.weight_decay) : 0.f;

@@ -13,6 +13,11 @@ struct OptimizerSettings {
   double beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.0, clip = 0.0;
 };
 
+// The factor global-norm clipping multiplies the gradients by (1 when clip is 0 or not reached).
+inline double clip_scale(double norm, double clip) { return clip > 0 && norm > clip ? clip / (norm + 1e-6) : 1.0; }
+// One update's scalar arguments; weight_decay is set per parameter by the caller.
+cpu::AdamWStep adamw_args(const OptimizerSettings& s, double lr, int64_t step, double grad_scale);
+
 class AdamW {
  public:
   AdamW(const ParamTable& t, OptimizerSettings s);

@@ -285,16 +285,8 @@ double ZeroParams::step(double lr) {
   }
   world_->all_reduce_sum(&ss, 1);
   const double norm = std::sqrt(ss);
-  const double scale = opt_.clip > 0 && norm > opt_.clip ? opt_.clip / (norm + 1e-6) : 1.0;
-
   ++steps_;
-  cpu::AdamWStep a;
-  a.lr = float(lr);
-  a.beta1 = float(opt_.beta1);
-  a.beta2 = float(opt_.beta2);
-  a.eps = float(opt_.eps);
-  a.step = int(steps_);
-  a.grad_scale = float(scale);
+  cpu::AdamWStep a = adamw_args(opt_, lr, steps_, clip_scale(norm, opt_.clip));
   for (Unit& u : units_) {
     // Stage 0 updates the whole unit (identically on every rank); the others their chunk.
     const int64_t lo = stage_ == 0 ? 0 : u.shard_begin, hi = stage_ == 0 ? u.numel : u.shard_begin + u.shard_n;

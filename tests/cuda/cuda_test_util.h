@@ -40,6 +40,15 @@ inline std::vector<float> to_f32(const std::vector<bf16>& x) {
 }
 // Random values in [-scale, scale], already rounded to bf16 so the CPU reference sees exactly
 // what the GPU sees.
+// n draws of N(0, sd^2), seeded.
+inline std::vector<float> normals(size_t n, uint64_t seed, float sd) {
+  std::mt19937_64 g(seed);
+  std::normal_distribution<float> d(0.f, sd);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(g);
+  return v;
+}
+
 inline std::vector<float> random_bf16_values(size_t n, uint64_t seed, float scale = 1.f) {
   std::mt19937_64 g(seed);
   std::uniform_real_distribution<float> u(-scale, scale);

@@ -21,13 +21,6 @@ namespace {
 
 constexpr double kRtol = 4 * FLT_EPSILON, kAtol = 1e-7;
 
-std::vector<float> normals(size_t n, uint64_t seed, float sd) {
-  std::mt19937_64 g(seed);
-  std::normal_distribution<float> d(0.f, sd);
-  std::vector<float> v(n);
-  for (auto& x : v) x = d(g);
-  return v;
-}
 
 cuda::AdamWArgs gpu_args(const cpu::AdamWStep& s) {
   return {s.lr, s.beta1, s.beta2, s.eps, s.weight_decay, float(1.0 - std::pow(double(s.beta1), s.step)),

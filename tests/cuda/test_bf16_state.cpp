@@ -40,13 +40,6 @@ uint16_t bf16_bits(bf16 h) {
   return u;
 }
 
-std::vector<float> normals(size_t n, uint64_t seed, float sd) {
-  std::mt19937_64 g(seed);
-  std::normal_distribution<float> d(0.f, sd);
-  std::vector<float> v(n);
-  for (auto& x : v) x = d(g);
-  return v;
-}
 
 // The bf16 rounding the split promises: nearest, ties toward zero magnitude.
 uint16_t nearest_ties_down(float p) {

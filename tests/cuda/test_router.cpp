@@ -28,13 +28,6 @@ RouterConfig make_cfg(RouterKind kind, int E, int K, bool norm, int groups = 1, 
   c.routed_scale = scale;
   return c;
 }
-std::vector<float> normals(size_t n, uint64_t seed, float sd) {
-  std::mt19937_64 g(seed);
-  std::normal_distribution<float> d(0.f, sd);
-  std::vector<float> v(n);
-  for (auto& x : v) x = d(g);
-  return v;
-}
 
 struct Routed {
   std::vector<float> probs, w;

@@ -10,6 +10,8 @@
 // first step, 1e-2 on each of the first 10, 2% on the mean of the last 10.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
+
+#include "gpu_count.h"
 #include <sys/wait.h>
 
 #include <cmath>
@@ -25,14 +27,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-int gpu_count() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return n;
-}
+using mop::test::gpu_count;
 
 using mop::test::metric_losses;
 using mop::test::run_mop;

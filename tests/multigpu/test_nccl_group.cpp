@@ -3,6 +3,8 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include "gpu_count.h"
+
 #include <chrono>
 #include <functional>
 #include <stdexcept>
@@ -26,15 +28,7 @@ using namespace std::chrono_literals;
 
 #define CK(call) ASSERT_EQ((call), cudaSuccess) << #call
 
-// cudaGetDeviceCount directly: 0 when there is no driver or device.
-int gpu_count() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return n;
-}
+using mop::test::gpu_count;
 
 #define REQUIRE_GPUS(n)                                                                \
   do {                                                                                 \

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "parallel/gloo_group.h"
+#include "rank_threads.h"
 
 namespace mop {
 namespace {
@@ -43,22 +44,10 @@ GlooOptions options(const std::string& dir, const std::string& prefix,
 // Runs fn(group) on W threads, one GlooGroup each; collects the failures of all ranks.
 void run_ranks(int W, const std::function<void(GlooGroup&)>& fn, const std::string& prefix = "t") {
   TempDir dir;
-  std::mutex mu;
-  std::vector<std::string> errors;
-  std::vector<std::thread> threads;
-  for (int r = 0; r < W; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        GlooGroup g(r, W, options(dir.path, prefix));
-        fn(g);
-      } catch (const std::exception& e) {
-        std::lock_guard<std::mutex> lock(mu);
-        errors.push_back("rank " + std::to_string(r) + ": " + e.what());
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
-  for (auto& e : errors) ADD_FAILURE() << e;
+  test::run_rank_threads(W, [&](int r) {
+    GlooGroup g(r, W, options(dir.path, prefix));
+    fn(g);
+  });
 }
 
 class GlooGroupTest : public ::testing::TestWithParam<int> {};

@@ -18,6 +18,7 @@
 #include "ops/cuda/rmsnorm.h"
 #include "ops/cuda/rope.h"
 #include "ops/cuda/runtime.h"
+#include "optim/optimizer.h"
 #include "parallel/process_group.h"
 
 namespace mop {
@@ -221,7 +222,7 @@ double GpuDecoder::optimizer_step(double lr, double beta1, double beta2, double 
     comm_.ep_host->all_reduce_sum(&expert, 1);
     norm = std::sqrt(dense + expert);
   }
-  const double gscale = clip > 0 && norm > clip ? clip / (norm + 1e-6) : 1.0;
+  const double gscale = clip_scale(norm, clip);
 
   ++steps_;
   cuda::AdamWArgs args{};
