@@ -138,7 +138,7 @@ void read_checkpoint_for_table(const std::string& dir, const ModelConfig& c, boo
 }
 
 std::string save_sharded_run_checkpoint(const std::string& run_dir, int64_t keep, const Config& cfg,
-                                        const ShardLayout& layout, const ZeroParams& z, ProcessGroup& world,
+                                        const ShardLayout& layout, const ShardedState& z, ProcessGroup& world,
                                         const TrainState& st) {
   const fs::path root = fs::path(run_dir) / "checkpoints";
   const std::string name = fmt::format("step_{:07}", st.step);
@@ -150,7 +150,7 @@ std::string save_sharded_run_checkpoint(const std::string& run_dir, int64_t keep
     tmp = out->temp_path();
   }
   tmp = broadcast_string(world, tmp);
-  z.save((fs::path(tmp) / shard_name(world.rank(), world.size())).string());
+  z.save_shard((fs::path(tmp) / shard_name(world.rank(), world.size())).string());
   world.barrier();  // every shard is written before rank 0 publishes the directory
   if (world.rank() == 0) {
     nlohmann::json idx;
@@ -169,7 +169,7 @@ std::string save_sharded_run_checkpoint(const std::string& run_dir, int64_t keep
   return (root / name).string();
 }
 
-void load_sharded_checkpoint(const std::string& dir, const ShardLayout& layout, ZeroParams& z, ProcessGroup& world,
+void load_sharded_checkpoint(const std::string& dir, const ShardLayout& layout, ShardedState& z, ProcessGroup& world,
                              TrainState* st) {
   const std::string index = (fs::path(dir) / kShardIndex).string();
   const nlohmann::json idx = read_json(index);
@@ -178,7 +178,7 @@ void load_sharded_checkpoint(const std::string& dir, const ShardLayout& layout, 
             "{}: saved by world {} with zero {} and ep {}; this run is world {} with zero {} and ep {} "
             "(resharding is not supported yet)",
             index, w, zs, ep, layout.world, layout.zero, layout.ep);
-  z.load((fs::path(dir) / shard_name(world.rank(), world.size())).string());
+  z.load_shard((fs::path(dir) / shard_name(world.rank(), world.size())).string());
   int64_t opt_steps = 0;
   read_train_state((fs::path(dir) / "state.json").string(), st, &opt_steps);
   z.set_steps_taken(opt_steps);

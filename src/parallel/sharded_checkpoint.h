@@ -27,10 +27,10 @@ ShardLayout sharded_checkpoint_layout(const std::string& dir);  // from shards.j
 // Collective over world. Saves into run_dir/checkpoints/step_NNNNNNN, updates `latest`, prunes to
 // the newest keep. Returns the checkpoint directory (on every rank).
 std::string save_sharded_run_checkpoint(const std::string& run_dir, int64_t keep, const Config& cfg,
-                                        const ShardLayout& layout, const ZeroParams& z, ProcessGroup& world,
+                                        const ShardLayout& layout, const ShardedState& z, ProcessGroup& world,
                                         const TrainState& st);
 // Collective over world. dir: a checkpoint directory (resolve_checkpoint).
-void load_sharded_checkpoint(const std::string& dir, const ShardLayout& layout, ZeroParams& z, ProcessGroup& world,
+void load_sharded_checkpoint(const std::string& dir, const ShardLayout& layout, ShardedState& z, ProcessGroup& world,
                              TrainState* st);
 bool is_sharded_checkpoint(const std::string& dir);
 

@@ -327,7 +327,7 @@ std::string ZeroParams::layout_signature() const {
   return s;
 }
 
-void ZeroParams::save(const std::string& path) const {
+void ZeroParams::save_shard(const std::string& path) const {
   ckpt::SafetensorsWriter w;
   w.set_metadata("layout", layout_signature());
   std::vector<HostArray<float>> keep;
@@ -342,7 +342,7 @@ void ZeroParams::save(const std::string& path) const {
   w.write(path);
 }
 
-void ZeroParams::load(const std::string& path) {
+void ZeroParams::load_shard(const std::string& path) {
   ckpt::SafetensorsFile f(path);
   const auto it = f.metadata().find("layout");
   const std::string want = layout_signature();

@@ -29,6 +29,7 @@
 #include "model/decoder.h"
 #include "optim/optimizer.h"
 #include "parallel/process_group.h"
+#include "parallel/sharded_state.h"
 
 namespace mop {
 
@@ -43,7 +44,7 @@ struct ZeroUnitSpec {
 };
 std::vector<ZeroUnitSpec> zero_units(const ParamTable& table);
 
-class ZeroParams final : public ParamSource<float> {
+class ZeroParams final : public ParamSource<float>, public ShardedState {
  public:
   // table: this rank's table (all experts, or its expert-parallel block). dense: the group dense
   // units are sharded over; experts: the group expert units are sharded over (their replicas).
@@ -67,16 +68,16 @@ class ZeroParams final : public ParamSource<float> {
   void set_reduce_on_release(bool on) { reduce_on_release_ = on; }  // true for the step's last micro-batch
   // Global-norm clipping and AdamW on this rank's shards. Returns the norm before clipping.
   double step(double lr);
-  int64_t steps_taken() const { return steps_; }
-  void set_steps_taken(int64_t s) { steps_ = s; }
+  int64_t steps_taken() const override { return steps_; }
+  void set_steps_taken(int64_t s) override { steps_ = s; }
   // Applies fn(element index, value) to the elements of a non-trainable buffer held here, the same
   // way on every rank that holds them (router balance bias).
   void update_buffer(const ParamSpec& p, const std::function<void(int64_t, float&)>& fn);
 
   // This rank's shards (parameters, exp_avg, exp_avg_sq) as "<unit>.param" etc.; load checks
   // the unit sizes and names the file on a mismatch. Collective (stages 0-2 re-gather).
-  void save(const std::string& path) const;
-  void load(const std::string& path);
+  void save_shard(const std::string& path) const override;
+  void load_shard(const std::string& path) override;
   // "embed:1234/2 layers.0:..." for the checkpoint index: what a saved shard set must match.
   std::string layout_signature() const;
 

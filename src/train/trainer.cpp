@@ -23,6 +23,8 @@
 #include <cuda_runtime.h>
 
 #include "model/cuda/gpu_decoder.h"
+#include "parallel/cuda/device_group.h"
+#include "parallel/cuda/staged_group.h"
 #include "ops/cuda/attention.h"
 #include "ops/cuda/check.cuh"
 #include "ops/cuda/runtime.h"
@@ -174,18 +176,14 @@ Trainer::Trainer(Config cfg, TrainOptions opt) : cfg_(std::move(cfg)), opt_(std:
     model_->set_moe_comm(MoeComm{groups_->ep.get(), groups_->world.get()});
     return;
   }
-  if (own_shards) {  // a multi-GPU run of the same layout: its shards hold stage-0 state
-    ZeroParams zp(table_, cfg_.model, 0, *groups_->world, *groups_->edp, os);
-    load_sharded_checkpoint(resume_dir, shard_layout(), zp, *groups_->world, &state_);
-    zp.gather_full(params_.data());
-    zp.get_full_moments(adamw_->m(), adamw_->v());
-    adamw_->set_steps_taken(zp.steps_taken());
+  if (own_shards) {  // a multi-GPU run of the same layout: the GPU decoder reads its own shard file below
+    adamw_.reset();
   } else if (whole) {
     std::memcpy(adamw_->m(), resume_m.data(), sizeof(float) * size_t(table_.total));
     std::memcpy(adamw_->v(), resume_v.data(), sizeof(float) * size_t(table_.total));
     adamw_->set_steps_taken(resume_steps);
   }
-  resumed();
+  if (!own_shards) resumed();
   model_ = std::make_unique<Decoder<float>>(cfg_.model, table_);
   model_->bind(params_.data(), grads_.empty() ? nullptr : grads_.data());
 #ifdef MOP_HAVE_CUDA
@@ -199,17 +197,24 @@ Trainer::Trainer(Config cfg, TrainOptions opt) : cfg_(std::move(cfg)), opt_(std:
     // bf16 gradients when a step has one micro-batch: each gradient is then rounded to bf16 exactly
     // once, as PyTorch's bf16 autograd gradients are; accumulating several micro-batches keeps fp32.
     go.bf16_grads = cfg_.train.grad_accum == 1;
-    if (parallel) {  // one GPU per local rank
+    go.zero = int(cfg_.parallel.zero);
+    if (parallel) {  // one GPU per local rank (NCCL), or ranks sharing GPUs (collectives staged through the host)
       const int gpus = cuda::device_count();
-      MOP_CHECK(rank_.local_rank < gpus,
-                "rank {} has local rank {} but {} GPU(s) are visible: a GPU run needs one GPU per rank on each node",
+      const bool staged = cfg_.parallel.gpu_comm == "host";
+      MOP_CHECK(staged || rank_.local_rank < gpus,
+                "rank {} has local rank {} but {} GPU(s) are visible: NCCL needs one GPU per rank on each node "
+                "(parallel.gpu_comm = host lets ranks share a GPU, slowly)",
                 rank_.rank, rank_.local_rank, gpus);
-      MOP_CUDA_CHECK(cudaSetDevice(rank_.local_rank));
+      MOP_CUDA_CHECK(cudaSetDevice(rank_.local_rank % gpus));
     }
     gpu_ = std::make_unique<GpuDecoder>(cfg_.model, table_, go);
+    if (parallel) setup_gpu_comm();  // before upload: the state's layout follows the groups
     gpu_->upload_params(params_.data());
-    if (parallel) setup_gpu_comm();
-    if (adamw_) {  // resumed: the checkpoint's moments move to the device
+    if (own_shards) {
+      load_sharded_checkpoint(resume_dir, shard_layout(), *gpu_, *groups_->world, &state_);
+      gpu_->download_params(params_.data());  // the host's copy: the router bias lives there
+      resumed();
+    } else if (adamw_) {  // resumed: the checkpoint's moments move to the device
       gpu_->upload_moments(adamw_->m(), adamw_->v());
       gpu_->set_steps_taken(adamw_->steps_taken());
       adamw_.reset();
@@ -220,9 +225,9 @@ Trainer::Trainer(Config cfg, TrainOptions opt) : cfg_(std::move(cfg)), opt_(std:
 #endif
 }
 
-#ifdef MOP_HAVE_NCCL
+#ifdef MOP_HAVE_CUDA
 struct Trainer::GpuGroups {
-  std::unique_ptr<NcclGroup> world, ep, edp;
+  std::unique_ptr<DeviceGroup> world, ep, edp;
 };
 #else
 struct Trainer::GpuGroups {};
@@ -231,21 +236,30 @@ struct Trainer::GpuGroups {};
 Trainer::~Trainer() = default;
 
 void Trainer::setup_gpu_comm() {
-#ifdef MOP_HAVE_NCCL
+#ifdef MOP_HAVE_CUDA
   gpu_groups_ = std::make_unique<GpuGroups>();
   int device = 0;
   MOP_CUDA_CHECK(cudaGetDevice(&device));
-  NcclOptions o;
-  o.timeout = std::chrono::milliseconds(int64_t(cfg_.parallel.timeout_s * 1000));
+  const bool staged = cfg_.parallel.gpu_comm == "host";
+  if (staged) log("parallel.gpu_comm = host: device collectives are staged through host memory and Gloo (slow)");
   // Every rank creates the same groups in the same order; each is collective over its host group.
-  auto make = [&](ProcessGroup& host, const char* name) -> std::unique_ptr<NcclGroup> {
+  // The dense and expert-replica groups run on the decoder's comm stream, the expert exchange on
+  // its compute stream.
+  auto make = [&](ProcessGroup& host, const char* name, cudaStream_t stream) -> std::unique_ptr<DeviceGroup> {
     if (host.size() == 1) return nullptr;
-    o.name = name;
-    return make_nccl_group(host, device, gpu_->stream(), o);
+    if (staged) return std::make_unique<StagedGroup>(host, device, stream, name);
+#ifdef MOP_HAVE_NCCL
+    NcclOptions o;
+    o.timeout = std::chrono::milliseconds(int64_t(cfg_.parallel.timeout_s * 1000));
+    o.name = fmt::format("nccl {}", name);
+    return make_nccl_group(host, device, stream, o);
+#else
+    MOP_FAIL("this build has no NCCL");
+#endif
   };
-  gpu_groups_->world = make(*groups_->world, "nccl world");
-  gpu_groups_->ep = make(*groups_->ep, "nccl ep");
-  gpu_groups_->edp = make(*groups_->edp, "nccl edp");
+  gpu_groups_->world = make(*groups_->world, "world", gpu_->comm_stream());
+  gpu_groups_->ep = make(*groups_->ep, "ep", gpu_->stream());
+  gpu_groups_->edp = make(*groups_->edp, "edp", gpu_->comm_stream());
   gpu_->set_comm(GpuComm{groups_->world.get(), groups_->ep.get(), gpu_groups_->world.get(), gpu_groups_->ep.get(),
                          gpu_groups_->edp.get()});
 #endif
@@ -258,12 +272,10 @@ ShardLayout Trainer::shard_layout() const {
 void Trainer::setup_parallel(const std::string& device) {
   const ParallelConfig& pc = cfg_.parallel;
   const int world = rank_.world, ep = int(pc.ep), zero = int(pc.zero);
-  MOP_CHECK(device == "cpu" || zero == 0,
-            "parallel.zero = {} on the GPU is not implemented yet: GPU ranks replicate the dense parameters "
-            "(zero = 0) and split the experts (parallel.ep); ZeRO 1-3 run on the CPU backend",
-            zero);
 #ifndef MOP_HAVE_NCCL
-  MOP_CHECK(device == "cpu", "a multi-GPU layout needs NCCL, which this build does not have");
+  MOP_CHECK(device == "cpu" || pc.gpu_comm == "host",
+            "a multi-GPU layout needs NCCL, which this build does not have (parallel.gpu_comm = host stages "
+            "through Gloo)");
 #endif
   MOP_CHECK(pc.world == 0 || pc.world == world, "parallel.world = {} but the launcher started {} ranks", pc.world,
             world);
@@ -302,19 +314,12 @@ std::string Trainer::save_checkpoint_now(const std::string& run_dir) {
   if (zero_)
     return save_sharded_run_checkpoint(run_dir, tc.keep_checkpoints, cfg_, shard_layout(), *zero_, *groups_->world,
                                        state_);
+#ifdef MOP_HAVE_CUDA
+  if (gpu_ && groups_)  // each rank writes its shards straight from the device
+    return save_sharded_run_checkpoint(run_dir, tc.keep_checkpoints, cfg_, shard_layout(), *gpu_, *groups_->world,
+                                       state_);
+#endif
   sync_from_gpu(/*moments=*/true);
-  if (groups_) {  // a multi-GPU run: every rank writes its table's state as stage-0 shards
-    const TrainConfig& t = cfg_.train;
-    ZeroParams zp(table_, cfg_.model, 0, *groups_->world, *groups_->edp,
-                  OptimizerSettings{t.beta1, t.beta2, t.eps, t.weight_decay, t.clip});
-    zp.load_full(params_.data());
-    zp.set_full_moments(adamw_->m(), adamw_->v());
-    zp.set_steps_taken(adamw_->steps_taken());
-    std::string dir = save_sharded_run_checkpoint(run_dir, tc.keep_checkpoints, cfg_, shard_layout(), zp,
-                                                  *groups_->world, state_);
-    adamw_.reset();
-    return dir;
-  }
   std::string dir = save_run_checkpoint(run_dir, tc.keep_checkpoints, cfg_, table_, params_.data(), *adamw_, state_);
   if (gpu_) adamw_.reset();  // a GPU run's host moments live only while a checkpoint is written
   return dir;
@@ -347,7 +352,7 @@ double Trainer::optimizer_step(double lr) {
 #ifdef MOP_HAVE_CUDA
   if (gpu_) {
     const TrainConfig& t = cfg_.train;
-    if (groups_) gpu_->reduce_grads();  // once per step, after every micro-batch
+    gpu_->reduce_grads();  // those the last micro-batch's backward did not start
     return gpu_->optimizer_step(lr, t.beta1, t.beta2, t.eps, t.weight_decay, t.clip);
   }
 #endif
@@ -507,6 +512,9 @@ TrainResult Trainer::run() {
     const float ce_scale = 1.f / float(std::max<int64_t>(1, step_targets));
     for (size_t i = 0; i < micro.size(); ++i) {
       if (zero_) zero_->set_reduce_on_release(i + 1 == micro.size());  // reduce once per step
+#ifdef MOP_HAVE_CUDA
+      if (gpu_) gpu_->set_last_micro_batch(i + 1 == micro.size());
+#endif
       st.add(micro_step(micro[i], ce_scale, lb_scale, rc));
     }
     // The load-balancing loss and expert counts are already global (MoeComm::dp).
@@ -519,7 +527,7 @@ TrainResult Trainer::run() {
     const int64_t step_tokens = tc.grad_accum * tc.batch * tc.seq_len;  // global
     state_.tokens_seen += step_tokens;
 #ifdef MOP_HAVE_CUDA
-    if (gpu_) MOP_CUDA_CHECK(cudaStreamSynchronize(gpu_->stream()));  // the step's time includes its GPU work
+    if (gpu_) gpu_->synchronize();  // the step's time includes its GPU work
 #endif
     const double dt = step_timer.seconds();
     res.step_seconds.push_back(dt);

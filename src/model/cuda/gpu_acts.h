@@ -9,8 +9,35 @@
 
 #include "core/alloc.h"
 #include "model/cuda/gpu_decoder.h"
+#include "parallel/zero.h"
 
 namespace mop {
+
+class DeviceGroup;
+
+// One ZeRO unit on the device (gpu_decoder.h, gpu_decoder_zero.cpp). Its elements: the table's
+// [spec.begin, spec.begin + spec.numel), this rank's chunk [shard_begin, shard_begin + shard_n) of
+// them (the last rank's chunk short; padded to `chunk` in every buffer).
+struct GpuDecoder::Unit {
+  static constexpr size_t none = ~size_t(0);
+  ZeroUnitSpec spec;             // name, layer, experts, range, sub-table (offsets from the unit start)
+  DeviceGroup* group = nullptr;  // the ranks it is reduced and sharded over; null: this rank alone
+  int P = 1, r = 0;
+  int64_t chunk = 0, shard_begin = 0, shard_n = 0;
+  size_t wbegin = none;    // whole bf16 weights in hi_ (padded); zero 0: also lo_, m_, v_
+  size_t gbegin = none;    // whole gradient in grads_, or in head32_ (fp32) when g_head32
+  bool g_head32 = false;
+  size_t sbegin = 0;       // zero >= 1: the chunk in lo_, m_, v_
+  size_t tbegin = none;    // slotted units: the chunk in hi_shard_ (zero 3) and g_shard_ (zero >= 2)
+  size_t slot_off = 0;     // slotted units: offset in a layer slot
+  bool w_slot = false;     // zero 3, P > 1, a layer unit: weights gathered into a slot when used
+  bool g_slot = false;     // zero >= 2, P > 1, a layer unit, bf16 gradients: gradient in a slot
+  bool reduced = false;    // this step's gradient reduction has been started
+  bool gathering = false;  // zero >= 1, whole weights: the post-step all-gather is pending
+  cudaEvent_t ready = nullptr;  // recorded after that all-gather (comm stream)
+  int64_t padded() const { return chunk * P; }
+  bool sharded() const { return P > 1; }
+};
 
 struct GpuDecoder::Acts {
   // One layer's buffers: pointers into either this layer's own allocations or the shared working

@@ -19,6 +19,7 @@
 #include "ops/cuda/rope.h"
 #include "ops/cuda/runtime.h"
 #include "optim/optimizer.h"
+#include "parallel/cuda/device_group.h"
 #include "parallel/process_group.h"
 
 namespace mop {
@@ -32,36 +33,70 @@ constexpr size_t kChunk = size_t(32) << 20;
 }  // namespace
 
 GpuDecoder::GpuDecoder(const ModelConfig& c, const ParamTable& t, GpuDecoderOptions o)
-    : c_(c), table_(t), opt_(o), n_(size_t(t.total)) {
+    : c_(c), table_(t), opt_(o) {
   MOP_CHECK(cuda::device_count() > 0, "no CUDA device");
+  MOP_CHECK(opt_.zero >= 0 && opt_.zero <= 3, "GpuDecoder: ZeRO stage {} is not 0, 1, 2 or 3", opt_.zero);
   cuda::install_alloc_hooks();
   MOP_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  hi_ = Buffer(Device::cuda, Mem::params, n_ * 2);
-  lo_ = Buffer(Device::cuda, Mem::params, n_ * 2);
-  // bf16 gradients, except the LM head's: head() accumulates it over chunks of rows, so in bf16 it
-  // would be rounded once per chunk. It stays fp32 (moe-7b: 0.6 GiB more) and every gradient is
-  // rounded at most once per micro-batch.
-  const ParamSpec* headp = nullptr;
-  for (const auto& p : t.params)
-    if (p.role == ParamRole::head) headp = &p;
-  const bool head32 = opt_.bf16_grads && headp && !c.tie_embeddings && headp->offset + headp->numel == t.total;
-  n16_ = !opt_.bf16_grads ? 0 : head32 ? size_t(headp->offset) : n_;
-  grads_ = Buffer(Device::cuda, Mem::grads, opt_.bf16_grads ? n16_ * 2 : n_ * 4);
-  if (head32) {
-    head32_ = Buffer(Device::cuda, Mem::grads, size_t(headp->numel) * 4);
-    head_off_ = size_t(headp->offset);
+  MOP_CUDA_CHECK(cudaStreamCreateWithFlags(&comm_stream_, cudaStreamNonBlocking));
+  MOP_CUDA_CHECK(cudaEventCreateWithFlags(&comm_done_, cudaEventDisableTiming));
+  MOP_CUDA_CHECK(cudaEventCreateWithFlags(&compute_mark_, cudaEventDisableTiming));
+  for (int s = 0; s < 2; ++s) {
+    MOP_CUDA_CHECK(cudaEventCreateWithFlags(&w_slot_free_[s], cudaEventDisableTiming));
+    MOP_CUDA_CHECK(cudaEventCreateWithFlags(&w_slot_ready_[s], cudaEventDisableTiming));
+    MOP_CUDA_CHECK(cudaEventCreateWithFlags(&g_slot_free_[s], cudaEventDisableTiming));
   }
-  m_ = Buffer(Device::cuda, Mem::optimizer, n_ * 4);
-  v_ = Buffer(Device::cuda, Mem::optimizer, n_ * 4);
-  norm2_ = Buffer(Device::cuda, Mem::workspace, 2 * sizeof(double));
-  MOP_CUDA_CHECK(cudaMemsetAsync(m_.data(), 0, n_ * 4, stream_));
-  MOP_CUDA_CHECK(cudaMemsetAsync(v_.data(), 0, n_ * 4, stream_));
-  zero_grads();
-  w_ = make_view<bf16>(t, c, hi_.as<bf16>());
-  if (opt_.bf16_grads)
-    g16_ = make_view<bf16>(t, c, grads_.as<bf16>());
-  else
-    g32_ = make_view<float>(t, c, grads_.as<float>());
+}
+
+// The state for the groups set_comm gave (none: one rank): units laid out in the device space,
+// their chunks in the shard space, the views, the AdamW runs.
+void GpuDecoder::allocate_state() {
+  MOP_CHECK(!state_ready_, "GpuDecoder: state allocated twice");
+  build_units();  // offsets, n_, ns_, slot sizes
+  const ParamTable& t = table_;
+  const bool z = opt_.zero >= 1;
+  const size_t es = opt_.bf16_grads ? 2 : 4;
+  size_t ngrad = 0, nhead = 0, nw = 0, nt = 0;
+  for (const Unit& u : units_) {
+    if (u.wbegin != Unit::none) nw = std::max(nw, u.wbegin + size_t(u.padded()));
+    if (u.gbegin != Unit::none) (u.g_head32 ? nhead : ngrad) = std::max(u.g_head32 ? nhead : ngrad, u.gbegin + size_t(u.padded()));
+    if (u.tbegin != Unit::none) nt = std::max(nt, u.tbegin + size_t(u.chunk));
+  }
+  auto zeroed = [&](Buffer& b, Mem cat, size_t bytes) {
+    b = Buffer(Device::cuda, cat, std::max<size_t>(bytes, 16));
+    MOP_CUDA_CHECK(cudaMemsetAsync(b.data(), 0, b.bytes(), stream_));
+  };
+  const size_t nstate = z ? ns_ : nw;  // lo, m, v: whole units (zero 0) or this rank's chunks
+  zeroed(hi_, Mem::params, nw * 2);
+  zeroed(lo_, Mem::params, nstate * 2);
+  zeroed(m_, Mem::optimizer, nstate * 4);
+  zeroed(v_, Mem::optimizer, nstate * 4);
+  zeroed(grads_, Mem::grads, ngrad * es);
+  if (nhead) zeroed(head32_, Mem::grads, nhead * 4);
+  if (opt_.bf16_grads) zeroed(fn16_, Mem::grads, size_t(c_.hidden) * 2);
+  if (opt_.zero == 3 && nt) zeroed(hi_shard_, Mem::params, nt * 2);
+  if (opt_.zero >= 2 && opt_.bf16_grads && nt) zeroed(g_shard_, Mem::grads, nt * 2);
+  if (slot_elems_) {
+    if (opt_.zero == 3) zeroed(w_slots_, Mem::params, 2 * slot_elems_ * 2);
+    if (opt_.zero >= 2 && opt_.bf16_grads) zeroed(g_slots_, Mem::grads, 2 * slot_elems_ * 2);
+  }
+  norm2_ = Buffer(Device::cuda, Mem::workspace, (units_.size() + 1) * sizeof(double));
+
+  // Views: whole units bound once; slotted ones at acquire_layer.
+  w_.layers.assign(size_t(c_.layers), {});
+  g16_.layers.assign(size_t(c_.layers), {});
+  g32_.layers.assign(size_t(c_.layers), {});
+  for (Unit& u : units_) {
+    if (u.wbegin != Unit::none) bind_unit(w_, u, hi_.as<bf16>() + u.wbegin);
+    if (u.gbegin == Unit::none) continue;
+    if (u.g_head32) continue;  // head(): fp32 pointer passed directly; final norm through fn16_
+    if (opt_.bf16_grads) bind_unit(g16_, u, grads_.as<bf16>() + u.gbegin);
+    else bind_unit(g32_, u, grads_.as<float>() + u.gbegin);
+  }
+  if (opt_.bf16_grads && head_unit_ >= 0 && units_[size_t(head_unit_)].g_head32) {
+    g16_.final_norm = fn16_.as<bf16>();
+    if (c_.tie_embeddings) g16_.head = g16_.embed;
+  }
 
   // Non-trained buffers (the router bias) stay fp32 in a compact array: the router reads them as
   // fp32 and only the host changes them.
@@ -69,7 +104,7 @@ GpuDecoder::GpuDecoder(const ModelConfig& c, const ParamTable& t, GpuDecoderOpti
   for (const auto& p : t.params)
     if (!p.trainable) buffer_spans_.emplace_back(p.offset, p.numel), nbuf += p.numel;
   buffers_ = Buffer(Device::cuda, Mem::params, size_t(std::max<int64_t>(nbuf, 1)) * 4);
-  router_bias_.assign(size_t(c.layers), nullptr);
+  router_bias_.assign(size_t(c_.layers), nullptr);
   int64_t at = 0;
   for (const auto& p : t.params) {
     if (p.trainable) continue;
@@ -77,71 +112,136 @@ GpuDecoder::GpuDecoder(const ModelConfig& c, const ParamTable& t, GpuDecoderOpti
     router_bias_[size_t(p.layer)] = buffers_.as<float>() + at;
     at += p.numel;
   }
-
-  // AdamW over maximal runs of adjacent trainable parameters with the same decay: a handful of
-  // entries instead of one per expert matrix (the update is element-wise, so the result is the same).
-  std::vector<const ParamSpec*> ps;
-  for (const auto& p : t.params) ps.push_back(&p);
-  std::sort(ps.begin(), ps.end(), [](const ParamSpec* a, const ParamSpec* b) { return a->offset < b->offset; });
-  int64_t run_end = -1;
-  bool prev_own32 = false;
-  for (const ParamSpec* p : ps) {
-    if (!p->trainable || p->numel == 0) continue;
-    const bool own32 = head32 && p == headp;  // the fp32 head gradient: a run of its own
-    const bool extend = !own32 && !prev_own32 && !adam_runs_.empty() && run_end == p->offset &&
-                        adam_decay_.back() == p->decay;
-    prev_own32 = own32;
-    if (extend) {
-      adam_runs_.back().n += size_t(p->numel);
-    } else {
-      cuda::AdamWSplitTensor r{};
-      r.hi = hi_.as<bf16>() + p->offset;
-      r.lo = lo_.as<uint16_t>() + p->offset;
-      r.g = own32 ? head32_.data()
-                  : static_cast<const char*>(grads_.data()) + size_t(p->offset) * (opt_.bf16_grads ? 2 : 4);
-      r.m = m_.as<float>() + p->offset;
-      r.v = v_.as<float>() + p->offset;
-      r.n = size_t(p->numel);
-      adam_runs_.push_back(r);
-      adam_decay_.push_back(p->decay);
-      adam_g32_.push_back(own32 || !opt_.bf16_grads);
-    }
-    run_end = p->offset + p->numel;
-  }
+  build_adam_runs();
+  state_ready_ = true;
   MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
 GpuDecoder::~GpuDecoder() {
+  if (stream_) cudaStreamSynchronize(stream_);
+  if (comm_stream_) cudaStreamSynchronize(comm_stream_);
   acts_.reset();
+  for (Unit& u : units_)
+    if (u.ready) cudaEventDestroy(u.ready);
+  for (cudaEvent_t e : {comm_done_, compute_mark_, w_slot_free_[0], w_slot_free_[1], w_slot_ready_[0],
+                        w_slot_ready_[1], g_slot_free_[0], g_slot_free_[1]})
+    if (e) cudaEventDestroy(e);
+  if (comm_stream_) cudaStreamDestroy(comm_stream_);
   if (stream_) cudaStreamDestroy(stream_);
 }
 
-void GpuDecoder::upload_params(const float* host) {
-  Buffer chunk(Device::cuda, Mem::workspace, std::min(n_, kChunk) * 4);
-  for (size_t i = 0; i < n_; i += kChunk) {
-    const size_t n = std::min(kChunk, n_ - i);
-    MOP_CUDA_CHECK(cudaMemcpyAsync(chunk.data(), host + i, n * 4, cudaMemcpyHostToDevice, stream_));
-    cuda::split_master(hi_.as<bf16>() + i, lo_.as<uint16_t>() + i, chunk.as<float>(), n, stream_);
+// host[0, n) -> (hi, lo) through the fp32 chunk; lo null: the low halves are not kept.
+void GpuDecoder::upload_split(const float* host, size_t n, bf16* hi, uint16_t* lo) {
+  if (n == 0) return;
+  Buffer chunk(Device::cuda, Mem::workspace, std::min(n, kChunk) * 4);
+  Buffer junk;
+  if (!lo) junk = Buffer(Device::cuda, Mem::workspace, std::min(n, kChunk) * 2);
+  for (size_t i = 0; i < n; i += kChunk) {
+    const size_t k = std::min(kChunk, n - i);
+    MOP_CUDA_CHECK(cudaMemcpyAsync(chunk.data(), host + i, k * 4, cudaMemcpyHostToDevice, stream_));
+    cuda::split_master(hi + i, lo ? lo + i : junk.as<uint16_t>(), chunk.as<float>(), k, stream_);
   }
-  upload_buffers(host);  // synchronises: the chunk is freed after the last split
+  MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));  // the chunks are freed here
 }
 
+// (hi, lo)[0, n) -> host through the fp32 chunk.
+void GpuDecoder::download_merged(float* host, size_t n, const bf16* hi, const uint16_t* lo) const {
+  if (n == 0) return;
+  Buffer chunk(Device::cuda, Mem::workspace, std::min(n, kChunk) * 4);
+  for (size_t i = 0; i < n; i += kChunk) {
+    const size_t k = std::min(kChunk, n - i);
+    cuda::merge_master(chunk.as<float>(), hi + i, lo + i, k, stream_);
+    MOP_CUDA_CHECK(cudaMemcpyAsync(host + i, chunk.data(), k * 4, cudaMemcpyDeviceToHost, stream_));
+    MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));  // the chunk is reused (and the host copy may be pageable)
+  }
+}
+
+void GpuDecoder::upload_params(const float* host) {
+  if (!state_ready_) allocate_state();
+  wait_comm_stream();
+  for (Unit& u : units_) {
+    const float* src = host + u.spec.begin;
+    if (opt_.zero == 0) {
+      upload_split(src, size_t(u.spec.numel), hi_.as<bf16>() + u.wbegin, lo_.as<uint16_t>() + u.wbegin);
+      continue;
+    }
+    if (u.wbegin != Unit::none) upload_split(src, size_t(u.spec.numel), hi_.as<bf16>() + u.wbegin, nullptr);
+    upload_split(src + u.shard_begin, size_t(u.shard_n), chunk_hi(u), lo_.as<uint16_t>() + u.sbegin);
+    u.gathering = false;
+  }
+  w_slot_layer_[0] = w_slot_layer_[1] = -1;
+  upload_buffers(host);
+}
+
+// The buffers' fp32 copy, and their master weights (what this rank holds of them), so that the
+// shard files carry the host's values.
 void GpuDecoder::upload_buffers(const float* host) {
   float* dst = buffers_.as<float>();
   for (const auto& [off, n] : buffer_spans_) {
     MOP_CUDA_CHECK(cudaMemcpyAsync(dst, host + off, size_t(n) * 4, cudaMemcpyHostToDevice, stream_));
+    for (const Unit& u : units_) {
+      const int64_t lo = opt_.zero >= 1 ? u.shard_begin : 0, hi = opt_.zero >= 1 ? lo + u.shard_n : u.spec.numel;
+      const int64_t a = std::max(lo, off - u.spec.begin), b = std::min(hi, off + n - u.spec.begin);
+      if (a >= b) continue;
+      const size_t at = size_t(a - lo);
+      uint16_t* l = lo_.as<uint16_t>() + (opt_.zero >= 1 ? u.sbegin : u.wbegin) + at;
+      cuda::split_master(chunk_hi(u) + at, l, dst + (a - (off - u.spec.begin)), size_t(b - a), stream_);
+    }
     dst += n;
   }
   MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
+// After load_shard: the buffers' fp32 copy from the master weights (gathered where sharded).
+void GpuDecoder::buffers_from_master() {
+  float* dst = buffers_.as<float>();
+  for (const auto& [off, n] : buffer_spans_) {
+    for (Unit& u : units_) {
+      if (off < u.spec.begin || off + n > u.spec.begin + u.spec.numel) continue;
+      Buffer whole(Device::cuda, Mem::workspace, size_t(u.padded()) * 4);
+      if (opt_.zero == 0) {
+        cuda::merge_master(whole.as<float>(), hi_.as<bf16>() + u.wbegin, lo_.as<uint16_t>() + u.wbegin,
+                           size_t(u.spec.numel), stream_);
+      } else {
+        float* mine = whole.as<float>() + u.shard_begin;
+        MOP_CUDA_CHECK(cudaMemsetAsync(whole.data(), 0, whole.bytes(), stream_));
+        cuda::merge_master(mine, chunk_hi(u), lo_.as<uint16_t>() + u.sbegin, size_t(u.shard_n), stream_);
+        MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
+        if (u.sharded()) u.group->all_gather(mine, size_t(u.chunk), whole.data(), DType::f32);
+      }
+      MOP_CUDA_CHECK(cudaMemcpyAsync(dst, whole.as<float>() + (off - u.spec.begin), size_t(n) * 4,
+                                     cudaMemcpyDeviceToDevice, stream_));
+      MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    }
+    dst += n;
+  }
+}
+
 void GpuDecoder::download_params(float* host) const {
-  Buffer chunk(Device::cuda, Mem::workspace, std::min(n_, kChunk) * 4);
-  for (size_t i = 0; i < n_; i += kChunk) {
-    const size_t n = std::min(kChunk, n_ - i);
-    cuda::merge_master(chunk.as<float>(), hi_.as<bf16>() + i, lo_.as<uint16_t>() + i, n, stream_);
-    MOP_CUDA_CHECK(cudaMemcpyAsync(host + i, chunk.data(), n * 4, cudaMemcpyDeviceToHost, stream_));
-    MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));  // the chunk is reused (and the host copy may be pageable)
+  MOP_CHECK(state_ready_, "GpuDecoder::download_params before upload_params");
+  const_cast<GpuDecoder*>(this)->wait_comm_stream();
+  for (const Unit& u : units_) {
+    float* dst = host + u.spec.begin;
+    if (opt_.zero == 0) {
+      download_merged(dst, size_t(u.spec.numel), hi_.as<bf16>() + u.wbegin, lo_.as<uint16_t>() + u.wbegin);
+      continue;
+    }
+    // This rank's chunk in fp32, gathered over the unit's group.
+    Buffer mine(Device::cuda, Mem::workspace, size_t(u.chunk) * 4);
+    MOP_CUDA_CHECK(cudaMemsetAsync(mine.data(), 0, mine.bytes(), stream_));
+    if (u.shard_n)
+      cuda::merge_master(mine.as<float>(), const_cast<GpuDecoder*>(this)->chunk_hi(u),
+                         lo_.as<uint16_t>() + u.sbegin, size_t(u.shard_n), stream_);
+    Buffer whole;
+    const float* all = mine.as<float>();
+    if (u.sharded()) {
+      whole = Buffer(Device::cuda, Mem::workspace, size_t(u.padded()) * 4);
+      MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      u.group->all_gather(mine.data(), size_t(u.chunk), whole.data(), DType::f32);
+      all = whole.as<float>();
+    }
+    MOP_CUDA_CHECK(cudaMemcpyAsync(dst, all, size_t(u.spec.numel) * 4, cudaMemcpyDeviceToHost, stream_));
+    MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
   const float* src = buffers_.as<float>();
   for (const auto& [off, n] : buffer_spans_) {
@@ -152,76 +252,63 @@ void GpuDecoder::download_params(float* host) const {
 }
 
 void GpuDecoder::upload_moments(const float* m, const float* v) {
-  MOP_CUDA_CHECK(cudaMemcpyAsync(m_.data(), m, n_ * 4, cudaMemcpyHostToDevice, stream_));
-  MOP_CUDA_CHECK(cudaMemcpyAsync(v_.data(), v, n_ * 4, cudaMemcpyHostToDevice, stream_));
+  MOP_CHECK(state_ready_, "GpuDecoder::upload_moments before upload_params");
+  for (const Unit& u : units_) {
+    const bool whole = opt_.zero == 0;
+    const size_t at = whole ? u.wbegin : u.sbegin, from = size_t(u.spec.begin) + (whole ? 0 : size_t(u.shard_begin));
+    const size_t n = whole ? size_t(u.spec.numel) : size_t(u.shard_n);
+    MOP_CUDA_CHECK(cudaMemcpyAsync(m_.as<float>() + at, m + from, n * 4, cudaMemcpyHostToDevice, stream_));
+    MOP_CUDA_CHECK(cudaMemcpyAsync(v_.as<float>() + at, v + from, n * 4, cudaMemcpyHostToDevice, stream_));
+  }
   MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
 void GpuDecoder::download_moments(float* m, float* v) const {
-  MOP_CUDA_CHECK(cudaMemcpyAsync(m, m_.data(), n_ * 4, cudaMemcpyDeviceToHost, stream_));
-  MOP_CUDA_CHECK(cudaMemcpyAsync(v, v_.data(), n_ * 4, cudaMemcpyDeviceToHost, stream_));
+  MOP_CHECK(opt_.zero == 0, "GpuDecoder::download_moments: zero {} keeps only this rank's chunks (save_shard)",
+            opt_.zero);
+  for (const Unit& u : units_) {
+    const size_t n = size_t(u.spec.numel);
+    MOP_CUDA_CHECK(cudaMemcpyAsync(m + u.spec.begin, m_.as<float>() + u.wbegin, n * 4, cudaMemcpyDeviceToHost, stream_));
+    MOP_CUDA_CHECK(cudaMemcpyAsync(v + u.spec.begin, v_.as<float>() + u.wbegin, n * 4, cudaMemcpyDeviceToHost, stream_));
+  }
   MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
 void GpuDecoder::download_grads(float* host) const {
-  if (!opt_.bf16_grads) {
-    MOP_CUDA_CHECK(cudaMemcpyAsync(host, grads_.data(), n_ * 4, cudaMemcpyDeviceToHost, stream_));
-    MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    return;
-  }
-  Buffer chunk(Device::cuda, Mem::workspace, std::min(n16_, kChunk) * 4);
-  for (size_t i = 0; i < n16_; i += kChunk) {
-    const size_t n = std::min(kChunk, n16_ - i);
-    cuda::cast_bf16_to_f32(chunk.as<float>(), grads_.as<bf16>() + i, n, stream_);
-    MOP_CUDA_CHECK(cudaMemcpyAsync(host + i, chunk.data(), n * 4, cudaMemcpyDeviceToHost, stream_));
-    MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  }
-  if (head32_.data()) {
-    MOP_CUDA_CHECK(cudaMemcpyAsync(host + head_off_, head32_.data(), head32_.bytes(), cudaMemcpyDeviceToHost, stream_));
-    MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  MOP_CHECK(opt_.zero == 0, "GpuDecoder::download_grads is for unsharded runs (zero 0)");
+  for (const Unit& u : units_) {
+    DType t{};
+    const void* g = const_cast<GpuDecoder*>(this)->unit_grad(u, &t);
+    const size_t n = size_t(u.spec.numel);
+    if (t == DType::f32) {
+      MOP_CUDA_CHECK(cudaMemcpyAsync(host + u.spec.begin, g, n * 4, cudaMemcpyDeviceToHost, stream_));
+      MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      continue;
+    }
+    Buffer chunk(Device::cuda, Mem::workspace, std::min(n, kChunk) * 4);
+    for (size_t i = 0; i < n; i += kChunk) {
+      const size_t k = std::min(kChunk, n - i);
+      cuda::cast_bf16_to_f32(chunk.as<float>(), static_cast<const bf16*>(g) + i, k, stream_);
+      MOP_CUDA_CHECK(cudaMemcpyAsync(host + u.spec.begin + i, chunk.data(), k * 4, cudaMemcpyDeviceToHost, stream_));
+      MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    }
   }
 }
 
 void GpuDecoder::zero_grads() {
+  MOP_CHECK(state_ready_, "GpuDecoder::zero_grads before upload_params");
+  wait_comm_stream();  // a reduction of the last step may still read them
   MOP_CUDA_CHECK(cudaMemsetAsync(grads_.data(), 0, grads_.bytes(), stream_));
   if (head32_.data()) MOP_CUDA_CHECK(cudaMemsetAsync(head32_.data(), 0, head32_.bytes(), stream_));
+  if (fn16_.data()) MOP_CUDA_CHECK(cudaMemsetAsync(fn16_.data(), 0, fn16_.bytes(), stream_));
+  for (Unit& u : units_) u.reduced = false;
 }
 
 double GpuDecoder::optimizer_step(double lr, double beta1, double beta2, double eps, double weight_decay, double clip) {
   MOP_CHECK(acts_, "GpuDecoder::optimizer_step before any forward_backward");
-  // Buffers (the router bias) have zero gradients, so the norm over the flat array is the norm
-  // over trainable parameters.
-  double* norm2 = norm2_.as<double>();
-  MOP_CUDA_CHECK(cudaMemsetAsync(norm2, 0, 2 * sizeof(double), stream_));
-  if (opt_.bf16_grads)
-    cuda::sum_squares(norm2, grads_.as<bf16>(), n16_, acts_->scratch, stream_);
-  else
-    cuda::sum_squares(norm2, grads_.as<float>(), n_, acts_->scratch, stream_);
-  if (head32_.data()) cuda::sum_squares(norm2 + 1, head32_.as<float>(), head32_.bytes() / 4, acts_->scratch, stream_);
-  double ss[2] = {0, 0};
-  MOP_CUDA_CHECK(cudaMemcpyAsync(ss, norm2, sizeof(ss), cudaMemcpyDeviceToHost, stream_));
-  MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  double norm = std::sqrt(ss[0] + ss[1]);
-  if (comm_.ep_host && comm_.ep_host->size() > 1) {
-    // Dense gradients are the same on every rank (reduced); expert gradients differ between the
-    // ranks of an expert-parallel group, each holding its experts': add theirs once.
-    const std::vector<GradRun> runs = grad_runs();
-    Buffer parts(Device::cuda, Mem::workspace, runs.size() * sizeof(double));
-    for (size_t i = 0; i < runs.size(); ++i) {
-      const GradRun& r = runs[i];
-      if (opt_.bf16_grads)
-        cuda::sum_squares(parts.as<double>() + i, grads_.as<bf16>() + r.begin, r.n, acts_->scratch, stream_);
-      else
-        cuda::sum_squares(parts.as<double>() + i, grads_.as<float>() + r.begin, r.n, acts_->scratch, stream_);
-    }
-    std::vector<double> host(runs.size());
-    MOP_CUDA_CHECK(cudaMemcpyAsync(host.data(), parts.data(), parts.bytes(), cudaMemcpyDeviceToHost, stream_));
-    MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    double dense = ss[1], expert = 0;  // ss[1]: the fp32 head
-    for (size_t i = 0; i < runs.size(); ++i) (runs[i].expert ? expert : dense) += host[i];
-    comm_.ep_host->all_reduce_sum(&expert, 1);
-    norm = std::sqrt(dense + expert);
-  }
+  reduce_grads();     // any reduction the backward did not start
+  wait_reductions();  // the compute stream reads the reduced gradients from here on
+  const double norm = std::sqrt(grad_norm2());
   const double gscale = clip_scale(norm, clip);
 
   ++steps_;
@@ -238,6 +325,7 @@ double GpuDecoder::optimizer_step(double lr, double beta1, double beta2, double 
   }
   cuda::adamw_step_split_multi(g16.data(), int(g16.size()), /*grads_bf16=*/true, args, stream_);
   cuda::adamw_step_split_multi(g32.data(), int(g32.size()), /*grads_bf16=*/false, args, stream_);
+  gather_after_step();
   return norm;
 }
 

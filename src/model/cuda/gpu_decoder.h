@@ -11,6 +11,22 @@
 // selection, expert offsets, host copy of the offsets) is always kept: it is small, and backward's
 // recomputed forward then needs no host synchronisation.
 // One host synchronisation per MoE layer in the forward: the expert offsets for the grouped GEMM's sizes.
+//
+// Across ranks (set_comm), the parameters are the units of parallel/zero.h (embed, each layer's
+// dense part, each layer's local experts, head), each laid out padded to its group's size in the
+// "device space" and sharded as GpuDecoderOptions::zero says (gpu_decoder_zero.cpp):
+//   zero 0  everything replicated; each unit's gradient all-reduced as soon as its backward ends
+//   zero 1  the low halves of the master weights and m, v: this rank's chunk of each unit only;
+//           gradients reduce-scattered in place as soon as a unit's backward ends, AdamW on the
+//           chunk, the chunk's bf16 weights all-gathered in place (on the communication stream;
+//           the next forward waits for a unit's gather just before the unit)
+//   zero 2  as 1, and with one micro-batch a step the gradients of the layer units live in two
+//           rotating slots: a layer's slot is reduce-scattered into the gradient shard while the
+//           layers below compute, then reused two layers down
+//   zero 3  as 2, and the bf16 weights of the layer units too: rank-local chunks, gathered into
+//           two rotating slots one layer ahead (forward and backward); embed and head stay whole.
+// Collectives of the dense and expert-replica groups run on comm_stream(), ordered against the
+// compute stream by events; the expert exchange runs on the compute stream (it is on the path).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
@@ -25,21 +41,24 @@
 #include "model/decoder.h"
 #include "model/params.h"
 #include "ops/cuda/adamw.h"
+#include "parallel/sharded_state.h"
 
 namespace mop {
 
 class ProcessGroup;
-class NcclGroup;
+class DeviceGroup;
+class DeviceWork;
 struct GpuExpertPlan;
 
-// A multi-GPU run's groups (set by the trainer; parallel/world.h, parallel/cuda/nccl_group.h). The
-// NCCL groups run on the decoder's stream. A null member: that axis has one rank.
+// A multi-GPU run's groups (set by the trainer; parallel/world.h, parallel/cuda/device_group.h).
+// world and edp run on the decoder's comm_stream(), ep on its stream(). A null member: that axis
+// has one rank.
 struct GpuComm {
-  ProcessGroup* world_host = nullptr;  // Gloo, all ranks: the load-balancing statistics
+  ProcessGroup* world_host = nullptr;  // Gloo, all ranks: load-balancing statistics, gradient norm
   ProcessGroup* ep_host = nullptr;     // Gloo, the expert-parallel group: per-expert row counts
-  NcclGroup* world = nullptr;          // dense gradients
-  NcclGroup* ep = nullptr;             // token rows to and from the experts' owners
-  NcclGroup* edp = nullptr;            // expert gradients (ranks holding the same experts)
+  DeviceGroup* world = nullptr;        // dense units: gradients, ZeRO shards
+  DeviceGroup* ep = nullptr;           // token rows to and from the experts' owners
+  DeviceGroup* edp = nullptr;          // expert units (ranks holding the same experts)
 };
 
 // What the forward keeps for backward (train.checkpointing):
@@ -60,20 +79,25 @@ struct GpuDecoderOptions {
   // fp32 and rounds it once into the bf16 gradient. With one micro-batch per step each gradient is
   // rounded exactly once (as PyTorch's bf16 autograd gradients are); with several, once per micro-batch.
   bool bf16_grads = false;
+  int zero = 0;  // ZeRO stage across the ranks of set_comm (above)
 };
 
-class GpuDecoder {
+class GpuDecoder final : public ShardedState {
  public:
   GpuDecoder(const ModelConfig& c, const ParamTable& t, GpuDecoderOptions o = {});
   ~GpuDecoder();
+  // Multi-GPU (the table then holds this rank's experts only); before upload_params, which
+  // allocates the state for the groups' sizes.
+  void set_comm(const GpuComm& comm);
   // All parameters from fp32 host arrays laid out by the table (through a bounded device chunk).
   void upload_params(const float* host_params);
   // Only the non-trained buffers (the sigmoid router's bias), which the host owns.
   void upload_buffers(const float* host_params);
+  // Collective over the groups at zero >= 1 (the master weights are gathered).
   void download_params(float* host_params) const;
-  void upload_moments(const float* m, const float* v);
-  void download_moments(float* m, float* v) const;
-  void download_grads(float* host) const;  // as fp32 (tests)
+  void upload_moments(const float* m, const float* v);  // full arrays; each rank keeps its part
+  void download_moments(float* m, float* v) const;      // zero 0 only
+  void download_grads(float* host) const;               // as fp32 (tests; one rank)
   void zero_grads();
   // Same objective and statistics as Decoder<float>::forward_backward.
   LossStats forward_backward(const TokenBatch& b, float ce_scale, float lb_scale);
@@ -81,19 +105,33 @@ class GpuDecoder {
   // One AdamW step over all trainable parameters (clip with the global norm); the bf16 compute
   // copy follows. Counts the step. Returns the gradient norm before clipping.
   double optimizer_step(double lr, double beta1, double beta2, double eps, double weight_decay, double clip);
-  int64_t steps_taken() const { return steps_; }
-  void set_steps_taken(int64_t s) { steps_ = s; }
+  int64_t steps_taken() const override { return steps_; }
+  void set_steps_taken(int64_t s) override { steps_ = s; }
+  // Host wait for everything enqueued: the pending collectives first (their timeout and abort: a
+  // dead peer is an error naming it, not a hang), then the compute stream.
+  void synchronize();
   cudaStream_t stream() const { return stream_; }
+  cudaStream_t comm_stream() const { return comm_stream_; }
   const GpuDecoderOptions& options() const { return opt_; }
 
-  // Multi-GPU (the table then holds this rank's experts only). reduce_grads sums the gradients
-  // of the step over the ranks (dense over all, experts over their replicas) before
-  // optimizer_step, whose norm then counts every gradient element once over all ranks.
-  void set_comm(const GpuComm& comm);
+  // The step's last micro-batch: its backward starts each unit's gradient reduction (dense over
+  // all ranks, experts over their replicas) as soon as the unit's backward ends. reduce_grads
+  // starts those not started yet (a step whose micro-batches were not marked); optimizer_step
+  // waits for them, and its norm counts every gradient element once over all ranks.
+  void set_last_micro_batch(bool last) { last_micro_ = last; }
   void reduce_grads();
+
+  // This rank's shards as a sharded checkpoint's files hold them (parallel/zero.h's units and
+  // chunks, fp32 master weights and moments): the same files as the CPU backend's ZeroParams of
+  // the same layout. load: checks the layout and names the file on a mismatch.
+  std::string layout_signature() const;
+  void save_shard(const std::string& path) const override;
+  void load_shard(const std::string& path) override;
 
  private:
   struct Acts;
+  struct Unit;
+  void allocate_state();
   void ensure_acts(int N);
   void ensure_workspace(size_t bytes);
   LossStats run(const TokenBatch& b, float ce_scale, float lb_scale, bool backward);
@@ -110,21 +148,43 @@ class GpuDecoder {
   void experts_forward_ep(int l);                 // y.xp -> y.yp through the experts' owners
   template <class G>
   void experts_backward_ep(int l, const LayerView<G>& g);  // a.dyp -> a.dxp
-  struct GradRun {
-    size_t begin, n;  // elements of the flat gradient array
-    bool expert;
-  };
-  std::vector<GradRun> grad_runs() const;
+  // ZeRO units and their collectives (gpu_decoder_zero.cpp).
+  void build_units();
+  void acquire_layer(int l, bool backward);  // before the layer's forward / recompute / backward
+  void release_layer(int l, bool backward);  // after them: starts the gradient reduction, frees slots
+  void acquire_outer();                      // before a micro-batch: embed and head complete
+  void head_grads_done();                    // after the head's backward (bf16: final norm cast)
+  void embed_grads_done();
+  void reduce_unit(Unit& u);                 // starts u's reduction (once per step)
+  void gather_unit(Unit& u, int slot);       // stage 3: all-gather u's weights into slot
+  void wait_reductions();                    // compute stream after every reduction
+  void gather_after_step();                  // zero >= 1: the updated chunks back to whole units
+  double grad_norm2_shards();                // zero >= 1: this rank's reduced chunks, squared
+  void adam_units(const cuda::AdamWArgs& args, double weight_decay);  // zero >= 1
+  void wait_comm();                          // host: the pending collectives (timeout, not hang)
+  void wait_comm_stream();                   // host: everything on the comm stream
+  double grad_norm2();
+  void build_adam_runs();
+  template <class T>
+  void bind_unit(ModelView<T>& v, const Unit& u, T* base);  // u's parameters in v, laid out from base
+  __nv_bfloat16* chunk_hi(const Unit& u);          // the bf16 weights of this rank's chunk
+  void* unit_grad(const Unit& u, DType* t) const;  // the unit's whole gradient (null: in a slot)
+  const void* update_grad(const Unit& u, DType* t) const;  // what AdamW and the norm read
+  void buffers_from_master();
+  void upload_split(const float* host, size_t n, __nv_bfloat16* hi, uint16_t* lo);
+  void download_merged(float* host, size_t n, const __nv_bfloat16* hi, const uint16_t* lo) const;
 
   ModelConfig c_;
   const ParamTable& table_;
+  ParamTable dtable_;  // table_ with device-space offsets (units padded to their group's size)
   GpuDecoderOptions opt_;
-  cudaStream_t stream_ = nullptr;
-  size_t n_ = 0;                              // parameters (table total)
+  cudaStream_t stream_ = nullptr, comm_stream_ = nullptr;
+  size_t n_ = 0;                              // device-space elements (table total when unsharded)
+  size_t ns_ = 0;                             // shard-space elements (zero >= 1: this rank's chunks)
   Buffer hi_, lo_, grads_, m_, v_, buffers_;  // bf16, uint16, fp32|bf16, fp32, fp32, fp32 (buffers only)
-  Buffer head32_;                             // fp32 LM-head gradient when the others are bf16
-  size_t n16_ = 0, head_off_ = 0;             // bf16 gradient elements; the head's table offset
-  Buffer norm2_;                              // (2) fp64 squared gradient norms (bf16 part, fp32 head)
+  Buffer head32_;                             // the head unit's fp32 gradient when the others are bf16
+  Buffer fn16_;                               // (D) bf16 final-norm gradient, cast into head32_
+  Buffer norm2_;                              // (units) fp64 squared gradient norms
   ModelView<__nv_bfloat16> w_;
   ModelView<float> g32_;
   ModelView<__nv_bfloat16> g16_;
@@ -132,6 +192,18 @@ class GpuDecoder {
   std::vector<std::pair<int64_t, int64_t>> buffer_spans_;  // (table offset, numel) of each buffer
   std::vector<cuda::AdamWSplitTensor> adam_runs_;          // contiguous trainable runs of equal decay
   std::vector<bool> adam_decay_, adam_g32_;                // per run: weight decay, fp32 gradient
+  std::vector<Unit> units_;
+  std::vector<int> layer_unit_, expert_unit_;              // (L) index into units_, -1: none
+  int embed_unit_ = -1, head_unit_ = -1;
+  Buffer hi_shard_, g_shard_;  // zero 3: the layer units' bf16 chunks; zero >= 2: reduced gradient chunks
+  Buffer w_slots_, g_slots_;   // (2, largest layer) bf16 gathered weights (zero 3), gradients (zero >= 2)
+  size_t slot_elems_ = 0;
+  int w_slot_layer_[2] = {-1, -1};
+  cudaEvent_t w_slot_free_[2] = {}, g_slot_free_[2] = {}, w_slot_ready_[2] = {};
+  cudaEvent_t comm_done_ = nullptr, compute_mark_ = nullptr;
+  bool last_micro_ = true, state_ready_ = false;
+  std::unique_ptr<DeviceWork> comm_pending_;               // the last expert exchange (compute stream)
+  std::unique_ptr<DeviceWork> comm_last_;                  // the last collective on the comm stream
   std::unique_ptr<Acts> acts_;
   int acts_N_ = -1;
   int64_t steps_ = 0;

@@ -12,27 +12,20 @@
 #include "ops/cuda/grouped_matmul.h"
 #include "ops/cuda/swiglu.h"
 #include "parallel/process_group.h"
-#ifdef MOP_HAVE_NCCL
-#include "parallel/cuda/nccl_expert_exchange.h"
-#include "parallel/cuda/nccl_group.h"
-#endif
+#include "parallel/cuda/device_group.h"
+#include "parallel/cuda/expert_exchange_gpu.h"
 
 namespace mop {
 
 using bf16 = __nv_bfloat16;
 
-bool GpuDecoder::expert_parallel() const {
-#ifdef MOP_HAVE_NCCL
-  return comm_.ep && comm_.ep->size() > 1;
-#else
-  return false;
-#endif
-}
+bool GpuDecoder::expert_parallel() const { return comm_.ep && comm_.ep->size() > 1; }
 
 void GpuDecoder::set_comm(const GpuComm& comm) {
-#ifndef MOP_HAVE_NCCL
-  MOP_CHECK(!comm.world && !comm.ep && !comm.edp, "this build has no NCCL: a multi-GPU run needs it");
-#endif
+  MOP_CHECK(!state_ready_, "GpuDecoder::set_comm after upload_params: the state's layout depends on the groups");
+  MOP_CHECK(!comm.world || comm.world->stream() == comm_stream_, "GpuDecoder: the world group must run on comm_stream()");
+  MOP_CHECK(!comm.edp || comm.edp->stream() == comm_stream_, "GpuDecoder: the edp group must run on comm_stream()");
+  MOP_CHECK(!comm.ep || comm.ep->stream() == stream_, "GpuDecoder: the ep group must run on stream()");
   comm_ = comm;
   MOP_CHECK(!expert_parallel() || opt_.recompute != GpuRecompute::full,
             "train.checkpointing = full with parallel.ep > 1 on the GPU would repeat the expert exchange in "
@@ -55,6 +48,7 @@ void GpuDecoder::global_lb_stats(int l) {
   std::vector<int32_t>& cnt = counts_host_[size_t(l)];
   MOP_CUDA_CHECK(cudaMemcpyAsync(mean.data(), a.dprobs, size_t(E) * 4, cudaMemcpyDeviceToHost, st));
   MOP_CUDA_CHECK(cudaMemcpyAsync(cnt.data(), y.counts, size_t(E) * 4, cudaMemcpyDeviceToHost, st));
+  wait_comm();
   MOP_CUDA_CHECK(cudaStreamSynchronize(st));
   std::vector<double> v(size_t(2 * E + 1), 0.0);  // (probability sums, counts, tokens)
   for (int e = 0; e < E; ++e) {
@@ -79,13 +73,13 @@ void GpuDecoder::global_lb_stats(int l) {
 }
 
 void GpuDecoder::experts_forward_ep(int l) {
-#ifdef MOP_HAVE_NCCL
   Acts& a = *acts_;
   auto& y = a.layers[size_t(l)];
   const LayerView<bf16>& w = w_.layers[size_t(l)];
   const int E = int(c_.experts), F = int(c_.expert_ffn), D = int(c_.hidden);
   cudaStream_t st = stream_;
   EpLayer& el = ep_layers_[size_t(l)];
+  wait_comm();
   el.plan = plan_expert_exchange_gpu(*comm_.ep_host, y.offsets_host.data(), E, st);  // synchronises
   const GpuExpertPlan& p = *el.plan;
   const size_t R = size_t(p.plan.rows_in());
@@ -110,21 +104,17 @@ void GpuDecoder::experts_forward_ep(int l) {
   }
   const int32_t* off_d = p.local_offsets.as<int32_t>();
   const int32_t* off_h = p.plan.local_offsets.data();
-  expert_dispatch_gpu(*comm_.ep, p, y.xp, el.xl.as<bf16>(), ep_scratch_.as<bf16>(), D);
+  comm_pending_ = expert_dispatch_gpu(*comm_.ep, p, y.xp, el.xl.as<bf16>(), ep_scratch_.as<bf16>(), D);
   if (R > 0) {
     cuda::grouped_matmul_forward(el.gu.as<bf16>(), el.xl.as<bf16>(), w.w_gu, off_d, off_h, El, D, 2 * F, st);
     cuda::swiglu_forward(el.a.as<bf16>(), el.gu.as<bf16>(), int(R), F, st);
     cuda::grouped_matmul_forward(ep_tmp_.as<bf16>(), el.a.as<bf16>(), w.w_down, off_d, off_h, El, F, D, st);
   }
-  expert_return_gpu(*comm_.ep, p, ep_tmp_.as<bf16>(), y.yp, ep_scratch_.as<bf16>(), D);
-#else
-  (void)l;
-#endif
+  comm_pending_ = expert_return_gpu(*comm_.ep, p, ep_tmp_.as<bf16>(), y.yp, ep_scratch_.as<bf16>(), D);
 }
 
 template <class G>
 void GpuDecoder::experts_backward_ep(int l, const LayerView<G>& g) {
-#ifdef MOP_HAVE_NCCL
   Acts& a = *acts_;
   const LayerView<bf16>& w = w_.layers[size_t(l)];
   const int F = int(c_.expert_ffn), D = int(c_.hidden);
@@ -137,7 +127,7 @@ void GpuDecoder::experts_backward_ep(int l, const LayerView<G>& g) {
   const int32_t* off_d = p.local_offsets.as<int32_t>();
   const int32_t* off_h = p.plan.local_offsets.data();
   bf16* dyl = ep_tmp_.as<bf16>();  // then dxl: the first GEMM has read dyl by then
-  expert_dispatch_gpu(*comm_.ep, p, a.dyp, dyl, ep_scratch_.as<bf16>(), D);
+  comm_pending_ = expert_dispatch_gpu(*comm_.ep, p, a.dyp, dyl, ep_scratch_.as<bf16>(), D);
   if (R > 0) {
     cuda::grouped_matmul_backward(ep_da_.as<bf16>(), g.w_down, dyl, el.a.as<bf16>(), w.w_down, off_d, off_h, El, F, D,
                                   st);
@@ -145,43 +135,10 @@ void GpuDecoder::experts_backward_ep(int l, const LayerView<G>& g) {
     cuda::grouped_matmul_backward(dyl, g.w_gu, ep_dgu_.as<bf16>(), el.xl.as<bf16>(), w.w_gu, off_d, off_h, El, D,
                                   2 * F, st);
   }
-  expert_return_gpu(*comm_.ep, p, dyl, a.dxp, ep_scratch_.as<bf16>(), D);
-#else
-  (void)l, (void)g;
-#endif
+  comm_pending_ = expert_return_gpu(*comm_.ep, p, dyl, a.dxp, ep_scratch_.as<bf16>(), D);
 }
 
 template void GpuDecoder::experts_backward_ep(int, const LayerView<float>&);
 template void GpuDecoder::experts_backward_ep(int, const LayerView<bf16>&);
-
-std::vector<GpuDecoder::GradRun> GpuDecoder::grad_runs() const {
-  // The flat gradient array (the fp32 head, when separate, is not in it), in maximal runs of
-  // dense or expert parameters.
-  const size_t n = opt_.bf16_grads ? n16_ : n_;
-  std::vector<GradRun> runs;
-  for (const auto& p : table_.params) {
-    if (size_t(p.offset) >= n || p.numel == 0) continue;
-    const bool expert = p.role == ParamRole::expert_gate_up || p.role == ParamRole::expert_down;
-    if (!runs.empty() && runs.back().expert == expert && runs.back().begin + runs.back().n == size_t(p.offset))
-      runs.back().n += size_t(p.numel);
-    else
-      runs.push_back({size_t(p.offset), size_t(p.numel), expert});
-  }
-  return runs;
-}
-
-void GpuDecoder::reduce_grads() {
-#ifdef MOP_HAVE_NCCL
-  const DType t = opt_.bf16_grads ? DType::bf16 : DType::f32;
-  const size_t es = opt_.bf16_grads ? 2 : 4;
-  // bf16 gradients are summed by NCCL in fp32 and rounded once per hop (exactly once on 2 ranks).
-  for (const GradRun& r : grad_runs()) {
-    NcclGroup* g = r.expert ? comm_.edp : comm_.world;
-    if (g && g->size() > 1) g->all_reduce_sum(static_cast<char*>(grads_.data()) + r.begin * es, r.n, t);
-  }
-  if (head32_.data() && comm_.world && comm_.world->size() > 1)
-    comm_.world->all_reduce_sum(head32_.data(), head32_.bytes() / 4, DType::f32);
-#endif
-}
 
 }  // namespace mop

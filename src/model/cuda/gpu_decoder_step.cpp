@@ -94,6 +94,7 @@ void GpuDecoder::layer_forward(int l, bool recompute) {
       if (global_lb) global_lb_stats(l);
       // The one host synchronisation of the layer: the grouped GEMM takes its sizes from the host.
       MOP_CUDA_CHECK(cudaMemcpyAsync(y.offsets_host.data(), y.offsets, size_t(E + 1) * 4, cudaMemcpyDeviceToHost, st));
+      wait_comm();
       MOP_CUDA_CHECK(cudaStreamSynchronize(st));
     }
     if (expert_parallel()) {
@@ -150,11 +151,15 @@ void GpuDecoder::backward_pass(const ModelView<G>& g, float lb_scale) {
   const int N = a.N, D = int(c_.hidden), L = int(c_.layers), V = int(c_.vocab_size);
   cudaStream_t st = stream_;
   cuda::rmsnorm_backward(a.dx, g.final_norm, a.dh, a.xs[size_t(L)], w_.final_norm, a.rstdf, N, D, a.scratch, st);
+  head_grads_done();
   for (int l = L - 1; l >= 0; --l) {
+    acquire_layer(l, /*backward=*/true);
     if (opt_.recompute != GpuRecompute::none) layer_forward(l, /*recompute=*/true);
     layer_backward(l, g.layers[size_t(l)], lb_scale);
+    release_layer(l, /*backward=*/true);
   }
   cuda::embedding_backward(g.embed, a.dx, a.tokens, N, D, V, a.workspace.data(), a.workspace_bytes, st);
+  embed_grads_done();
 }
 
 // dx holds d(layer output) on entry and d(layer input) on exit.
@@ -230,6 +235,7 @@ LossStats GpuDecoder::run(const TokenBatch& b, float ce_scale, float lb_scale, b
   const int N = b.N, L = int(c_.layers), E = int(c_.experts), V = int(c_.vocab_size), D = int(c_.hidden);
   const int H = int(c_.heads), KV = int(c_.kv_heads), hd = int(c_.hd());
   cudaStream_t st = stream_;
+  MOP_CHECK(state_ready_, "GpuDecoder: a step before upload_params");
   ensure_acts(N);
   Acts& a = *acts_;
 
@@ -246,14 +252,25 @@ LossStats GpuDecoder::run(const TokenBatch& b, float ce_scale, float lb_scale, b
   const int Q = H * hd, KD = KV * hd;
   ensure_workspace(cuda::attention_workspace_bytes(a.n_docs, a.max_doc, N, H, KV, hd, Q, KD));
 
+  acquire_outer();
   cuda::embedding_forward(a.xs[0], a.tokens, w_.embed, N, D, V, st);
-  for (int l = 0; l < L; ++l) layer_forward(l, /*recompute=*/false);
+  for (int l = 0; l < L; ++l) {
+    acquire_layer(l, /*backward=*/false);
+    layer_forward(l, /*recompute=*/false);
+    release_layer(l, /*backward=*/false);
+  }
   const bool has_targets = b.targets != nullptr;
   if (!backward) {
     head<float>(nullptr, has_targets, 0.f);
   } else if (opt_.bf16_grads) {
-    if (head32_.data())
-      head(head32_.as<float>(), has_targets, ce_scale);
+    // The head unit's gradient is fp32 (gpu_decoder_zero.cpp); tied, the head's is the embedding's.
+    const Unit* hu = head_unit_ >= 0 ? &units_[size_t(head_unit_)] : nullptr;
+    float* head32 = nullptr;
+    if (hu && hu->g_head32 && !c_.tie_embeddings)
+      for (const ParamSpec& p : hu->spec.sub.params)
+        if (p.role == ParamRole::head) head32 = head32_.as<float>() + hu->gbegin + size_t(p.offset);
+    if (head32)
+      head(head32, has_targets, ce_scale);
     else
       head(g16_.head, has_targets, ce_scale);
     backward_pass(g16_, lb_scale);
@@ -275,6 +292,7 @@ LossStats GpuDecoder::run(const TokenBatch& b, float ce_scale, float lb_scale, b
     MOP_CUDA_CHECK(cudaMemcpyAsync(&lb[size_t(l)], y.lb, 4, cudaMemcpyDeviceToHost, st));
     MOP_CUDA_CHECK(cudaMemcpyAsync(&counts[size_t(l) * E], y.counts, size_t(E) * 4, cudaMemcpyDeviceToHost, st));
   }
+  wait_comm();
   MOP_CUDA_CHECK(cudaStreamSynchronize(st));
   for (int i = 0; i < int(loss.size()); ++i) {
     stats.ce_sum += double(loss[size_t(i)]);

@@ -143,14 +143,6 @@ ncclDataType_t nccl_type(DType t, const char* op, const NcclComm& c) {
 const char* at(const void* p, size_t elems, DType t) {
   return static_cast<const char*>(p) + elems * dtype_size(t);
 }
-template <class F> std::unique_ptr<Work> deferred_errors(F&& fn) {
-  try {
-    return fn();
-  } catch (...) {
-    return std::make_unique<CompletedWork>(std::current_exception());
-  }
-}
-
 char* at(void* p, size_t elems, DType t) { return static_cast<char*>(p) + elems * dtype_size(t); }
 
 }  // namespace
@@ -236,14 +228,14 @@ template <class F> std::unique_ptr<NcclWork> NcclGroup::launch(const char* op, F
   return work;
 }
 
-std::unique_ptr<NcclWork> NcclGroup::all_reduce_sum_async(void* data, size_t n, DType t) {
+std::unique_ptr<DeviceWork> NcclGroup::all_reduce_sum_async(void* data, size_t n, DType t) {
   const ncclDataType_t dt = nccl_type(t, "all_reduce_sum", *comm_);
   return launch("all_reduce_sum", [&](NcclComm& c) {
     return n ? ncclAllReduce(data, data, n, dt, ncclSum, c.comm, c.stream) : ncclSuccess;
   });
 }
 
-std::unique_ptr<NcclWork> NcclGroup::all_gather_async(const void* in, size_t n, void* out,
+std::unique_ptr<DeviceWork> NcclGroup::all_gather_async(const void* in, size_t n, void* out,
                                                       DType t) {
   const ncclDataType_t dt = nccl_type(t, "all_gather", *comm_);
   return launch("all_gather", [&](NcclComm& c) {
@@ -251,7 +243,7 @@ std::unique_ptr<NcclWork> NcclGroup::all_gather_async(const void* in, size_t n, 
   });
 }
 
-std::unique_ptr<NcclWork> NcclGroup::reduce_scatter_sum_async(const void* in, void* out,
+std::unique_ptr<DeviceWork> NcclGroup::reduce_scatter_sum_async(const void* in, void* out,
                                                               size_t n, DType t) {
   const ncclDataType_t dt = nccl_type(t, "reduce_scatter_sum", *comm_);
   return launch("reduce_scatter_sum", [&](NcclComm& c) {
@@ -261,7 +253,7 @@ std::unique_ptr<NcclWork> NcclGroup::reduce_scatter_sum_async(const void* in, vo
 
 // One NCCL group of sends and receives: NCCL schedules them together, so no ordering of the
 // pairs can deadlock. Zero counts are skipped.
-std::unique_ptr<NcclWork> NcclGroup::all_to_all_v_async(const void* in,
+std::unique_ptr<DeviceWork> NcclGroup::all_to_all_v_async(const void* in,
                                                         const std::vector<size_t>& send_counts,
                                                         void* out,
                                                         const std::vector<size_t>& recv_counts,
@@ -285,25 +277,6 @@ std::unique_ptr<NcclWork> NcclGroup::all_to_all_v_async(const void* in,
     ncclResult_t e = ncclGroupEnd();  // always closes the group, even after an error
     return (r == ncclSuccess || r == ncclInProgress) ? e : r;
   });
-}
-
-void NcclGroup::all_to_all_v(const void* in, const std::vector<size_t>& send_counts, void* out,
-                             const std::vector<size_t>& recv_counts, DType t) {
-  all_to_all_v_async(in, send_counts, out, recv_counts, t)->wait();
-}
-
-void NcclGroup::do_all_reduce_sum(void* data, size_t n, DType t) {
-  all_reduce_sum_async(data, n, t)->wait();
-}
-void NcclGroup::do_all_gather(const void* in, size_t n, void* out, DType t) {
-  all_gather_async(in, n, out, t)->wait();
-}
-void NcclGroup::do_reduce_scatter_sum(const void* in, void* out, size_t n, DType t) {
-  reduce_scatter_sum_async(in, out, n, t)->wait();
-}
-void NcclGroup::do_all_to_all_v(const void* in, const std::vector<size_t>& send_counts,
-                                void* out, const std::vector<size_t>& recv_counts, DType t) {
-  all_to_all_v(in, send_counts, out, recv_counts, t);
 }
 
 void NcclGroup::do_broadcast(void* data, size_t n, int root, DType t) {
@@ -331,27 +304,6 @@ void NcclGroup::barrier() {
   run_blocking("barrier", [&](NcclComm& c) {
     return ncclAllReduce(barrier_word_, barrier_word_, 1, ncclFloat32, ncclSum, c.comm, c.stream);
   });
-}
-
-// Through the ProcessGroup interface every error, enqueue errors included, comes out of wait().
-std::unique_ptr<Work> NcclGroup::do_all_reduce_sum_async(void* data, size_t n, DType t) {
-  return deferred_errors([&] { return all_reduce_sum_async(data, n, t); });
-}
-std::unique_ptr<Work> NcclGroup::do_all_gather_async(const void* in, size_t n, void* out,
-                                                     DType t) {
-  return deferred_errors([&] { return all_gather_async(in, n, out, t); });
-}
-std::unique_ptr<Work> NcclGroup::do_reduce_scatter_sum_async(const void* in, void* out, size_t n,
-                                                             DType t) {
-  return deferred_errors([&] { return reduce_scatter_sum_async(in, out, n, t); });
-}
-std::unique_ptr<Work> NcclGroup::do_all_to_all_v_async(const void* in,
-                                                       const std::vector<size_t>& send_counts,
-                                                       void* out,
-                                                       const std::vector<size_t>& recv_counts,
-                                                       DType t) {
-  return deferred_errors(
-      [&] { return all_to_all_v_async(in, send_counts, out, recv_counts, t); });
 }
 
 std::unique_ptr<NcclGroup> make_nccl_group(ProcessGroup& host, int device, cudaStream_t stream,

@@ -1,4 +1,4 @@
-#include "parallel/cuda/nccl_expert_exchange.h"
+#include "parallel/cuda/expert_exchange_gpu.h"
 
 #include <cuda_runtime.h>
 
@@ -28,22 +28,23 @@ std::shared_ptr<GpuExpertPlan> plan_expert_exchange_gpu(ProcessGroup& host_ep, c
   return p;
 }
 
-void expert_dispatch_gpu(NcclGroup& ep, const GpuExpertPlan& p, const __nv_bfloat16* rows_MD,
+std::unique_ptr<DeviceWork> expert_dispatch_gpu(DeviceGroup& ep, const GpuExpertPlan& p, const __nv_bfloat16* rows_MD,
                          __nv_bfloat16* rows_RD, __nv_bfloat16* scratch_RD, int D) {
-  ep.all_to_all_v_async(rows_MD, row_elements(p.plan.send_rows, D), scratch_RD, row_elements(p.plan.recv_rows, D),
-                        DType::bf16);  // stream-ordered on the compute stream; no host wait
+  auto work = ep.all_to_all_v_async(rows_MD, row_elements(p.plan.send_rows, D), scratch_RD,
+                                    row_elements(p.plan.recv_rows, D), DType::bf16);  // stream-ordered; no host wait
   const int R = int(p.plan.order.size());
   if (R > 0)
     cuda::moe_permute(rows_RD, scratch_RD, p.order.as<int32_t>(), R, 1, D, ep.stream());  // out[order[i]] = in[i]
+  return work;
 }
 
-void expert_return_gpu(NcclGroup& ep, const GpuExpertPlan& p, const __nv_bfloat16* rows_RD, __nv_bfloat16* rows_MD,
+std::unique_ptr<DeviceWork> expert_return_gpu(DeviceGroup& ep, const GpuExpertPlan& p, const __nv_bfloat16* rows_RD, __nv_bfloat16* rows_MD,
                        __nv_bfloat16* scratch_RD, int D) {
   const int R = int(p.plan.order.size());
   if (R > 0)  // out[i] = in[order[i]]: back to source-major
     cuda::moe_permute_backward(scratch_RD, rows_RD, p.order.as<int32_t>(), R, 1, D, ep.stream());
-  ep.all_to_all_v_async(scratch_RD, row_elements(p.plan.recv_rows, D), rows_MD, row_elements(p.plan.send_rows, D),
-                        DType::bf16);
+  return ep.all_to_all_v_async(scratch_RD, row_elements(p.plan.recv_rows, D), rows_MD, row_elements(p.plan.send_rows, D),
+                               DType::bf16);
 }
 
 }  // namespace mop
