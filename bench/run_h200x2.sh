@@ -6,6 +6,8 @@
 # '+'-joined: for mop config assignments (e.g. parallel.ep=2+train.checkpointing=selective), for
 # torch torch_fsdp2.py flags (e.g. ac+cudnn). One JSON line per run (rank 0's) goes to
 # $OUT/x2.jsonl, each run's output to $OUT/<name>.log. Keep NCCL_NVLS_ENABLE=0 set.
+# Exposed communication: the same mop spec again with +parallel.gpu_comm=skip (every device
+# collective skipped); 1 - (step time skipped / step time) is the exposed share of the step.
 set -uo pipefail
 build=${1:?usage: run_h200x2.sh BUILD_DIR SPEC...}
 shift

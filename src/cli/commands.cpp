@@ -94,6 +94,7 @@ int bench(const BenchArgs& a) {
   j["rank"] = r.rank;
   j["ep"] = cfg.parallel.ep;
   j["zero"] = cfg.parallel.zero;
+  j["gpu_comm"] = cfg.parallel.gpu_comm;
   j["seq"] = cfg.train.seq_len;
   j["batch"] = cfg.train.batch;
   j["grad_accum"] = cfg.train.grad_accum;

@@ -144,7 +144,8 @@ const std::vector<Field>& fields() {
       F("parallel.world", parallel.world, "expected world size; 0 = whatever the launcher gives (saved resolved)"),
       F("parallel.timeout_s", parallel.timeout_s, "seconds a collective may wait for the other ranks before failing"),
       F("parallel.gpu_comm", parallel.gpu_comm,
-        "device collectives: nccl (one GPU per rank) or host (staged through Gloo; slow, lets ranks share a GPU)"),
+        "device collectives: nccl (one GPU per rank), host (staged through Gloo; slow, lets ranks share a GPU) "
+        "or skip (they do nothing: to time the step without communication; wrong results)"),
       F("run.name", run.name, "run name; default: the model preset"),
       F("run.dir", run.dir, "where config.toml, metrics.jsonl and checkpoints go; default runs/<name>"),
       F("run.memory_limit_gib", run.memory_limit_gib, "cap on tracked memory in GiB; 0 = none"),
@@ -291,8 +292,8 @@ void Config::validate() const {
   MOP_CHECK(parallel.ep >= 1 && model.experts % parallel.ep == 0,
             "parallel.ep = {} must be >= 1 and divide model.experts = {}", parallel.ep, model.experts);
   MOP_CHECK(parallel.world >= 0 && parallel.timeout_s > 0, "parallel.world must be >= 0 and parallel.timeout_s > 0");
-  MOP_CHECK(parallel.gpu_comm == "nccl" || parallel.gpu_comm == "host",
-            "parallel.gpu_comm must be 'nccl' or 'host', got '{}'", parallel.gpu_comm);
+  MOP_CHECK(parallel.gpu_comm == "nccl" || parallel.gpu_comm == "host" || parallel.gpu_comm == "skip",
+            "parallel.gpu_comm must be 'nccl', 'host' or 'skip', got '{}'", parallel.gpu_comm);
   MOP_CHECK(run.memory_limit_gib >= 0, "run.memory_limit_gib must be >= 0, got {}", run.memory_limit_gib);
 }
 

@@ -60,7 +60,7 @@ struct ParallelConfig {
   int64_t ep = 1;                  // expert-parallel degree: divides the world size and model.experts
   int64_t world = 0;               // expected world size (the launcher's); 0 = any. Written resolved to the run config
   double timeout_s = 600;          // a collective waiting longer than this fails, naming the group and operation
-  std::string gpu_comm = "nccl";   // device collectives: nccl (one GPU per rank) | host (through Gloo; ranks may share a GPU)
+  std::string gpu_comm = "nccl";   // device collectives: nccl | host (through Gloo; ranks may share a GPU) | skip (timing)
 };
 
 struct Config {

@@ -24,6 +24,7 @@
 
 #include "model/cuda/gpu_decoder.h"
 #include "parallel/cuda/device_group.h"
+#include "parallel/cuda/skip_group.h"
 #include "parallel/cuda/staged_group.h"
 #include "ops/cuda/attention.h"
 #include "ops/cuda/check.cuh"
@@ -200,7 +201,7 @@ Trainer::Trainer(Config cfg, TrainOptions opt) : cfg_(std::move(cfg)), opt_(std:
     go.zero = int(cfg_.parallel.zero);
     if (parallel) {  // one GPU per local rank (NCCL), or ranks sharing GPUs (collectives staged through the host)
       const int gpus = cuda::device_count();
-      const bool staged = cfg_.parallel.gpu_comm == "host";
+      const bool staged = cfg_.parallel.gpu_comm != "nccl";
       MOP_CHECK(staged || rank_.local_rank < gpus,
                 "rank {} has local rank {} but {} GPU(s) are visible: NCCL needs one GPU per rank on each node "
                 "(parallel.gpu_comm = host lets ranks share a GPU, slowly)",
@@ -240,14 +241,16 @@ void Trainer::setup_gpu_comm() {
   gpu_groups_ = std::make_unique<GpuGroups>();
   int device = 0;
   MOP_CUDA_CHECK(cudaGetDevice(&device));
-  const bool staged = cfg_.parallel.gpu_comm == "host";
+  const bool staged = cfg_.parallel.gpu_comm == "host", skip = cfg_.parallel.gpu_comm == "skip";
   if (staged) log("parallel.gpu_comm = host: device collectives are staged through host memory and Gloo (slow)");
+  if (skip) log("parallel.gpu_comm = skip: device collectives do nothing (timing only; the results are wrong)");
   // Every rank creates the same groups in the same order; each is collective over its host group.
   // The dense and expert-replica groups run on the decoder's comm stream, the expert exchange on
   // its compute stream.
   auto make = [&](ProcessGroup& host, const char* name, cudaStream_t stream) -> std::unique_ptr<DeviceGroup> {
     if (host.size() == 1) return nullptr;
     if (staged) return std::make_unique<StagedGroup>(host, device, stream, name);
+    if (skip) return std::make_unique<SkipGroup>(host.rank(), host.size(), device, stream, name);
 #ifdef MOP_HAVE_NCCL
     NcclOptions o;
     o.timeout = std::chrono::milliseconds(int64_t(cfg_.parallel.timeout_s * 1000));

@@ -8,6 +8,7 @@
 //   * 4 ranks with ep = 2: expert units sharded over their replicas too (gathered into slots).
 //   * the data-parallel run against one rank, within the bf16 tolerance of tests/multigpu.
 //   * a zero 3 checkpoint resumes bit-identically on the same layout and resumes on another one.
+//   * parallel.gpu_comm = skip runs.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -105,6 +106,14 @@ TEST_F(SharedGpu, ZeroThreeCheckpointResumes) {
   const std::vector<double> other = train("other", 2, "--set train.grad_accum=1 --set parallel.zero=1 "
                                                       "--set parallel.ep=2 --resume " + ck.string(), 8);
   EXPECT_EQ(other.size(), 2u);
+}
+
+// parallel.gpu_comm = skip (timing the step without communication) runs the same layouts; its
+// losses are meaningless, so only the run itself is checked.
+TEST_F(SharedGpu, SkippedCommunicationRuns) {
+  const std::vector<double> l =
+      train("skip", 2, "--set parallel.gpu_comm=skip --set parallel.zero=3 --set parallel.ep=2", 3);
+  EXPECT_EQ(l.size(), 3u);
 }
 
 }  // namespace

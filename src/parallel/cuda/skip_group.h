@@ -1,0 +1,62 @@
+// SkipGroup: a DeviceGroup whose collectives move nothing (parallel.gpu_comm = skip). For timing
+// only: a step with every device collective skipped, next to the same step with them, is how much
+// of the step the communication leaves exposed. Results are wrong by construction (outputs keep
+// whatever the buffers held); the host-side exchanges (routing counts, statistics) still run.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <string>
+#include <utility>
+
+#include "ops/cuda/check.cuh"
+#include "parallel/cuda/device_group.h"
+
+namespace mop {
+
+class SkipGroup final : public DeviceGroup {
+ public:
+  SkipGroup(int rank, int size, int device, cudaStream_t stream, std::string name)
+      : rank_(rank), size_(size), device_(device), stream_(stream), name_(std::move(name)) {}
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  const std::string& name() const override { return name_; }
+  int device() const override { return device_; }
+  cudaStream_t stream() const override { return stream_; }
+  void barrier() override {}
+
+  std::unique_ptr<DeviceWork> all_reduce_sum_async(void*, size_t, DType) override { return work(); }
+  std::unique_ptr<DeviceWork> all_gather_async(const void*, size_t, void*, DType) override { return work(); }
+  std::unique_ptr<DeviceWork> reduce_scatter_sum_async(const void*, void*, size_t, DType) override { return work(); }
+  std::unique_ptr<DeviceWork> all_to_all_v_async(const void*, const std::vector<size_t>&, void*,
+                                                 const std::vector<size_t>&, DType) override {
+    return work();
+  }
+
+ protected:
+  void do_broadcast(void*, size_t, int, DType) override {}
+  void do_send(const void*, size_t, int, int, DType) override {}
+  void do_recv(void*, size_t, int, int, DType) override {}
+
+ private:
+  class Done final : public DeviceWork {
+   public:
+    explicit Done(cudaStream_t s) {
+      MOP_CUDA_CHECK(cudaEventCreateWithFlags(&ev_, cudaEventDisableTiming));
+      MOP_CUDA_CHECK(cudaEventRecord(ev_, s));
+    }
+    ~Done() override { cudaEventDestroy(ev_); }
+    void wait() override { MOP_CUDA_CHECK(cudaEventSynchronize(ev_)); }
+    bool done() override { return cudaEventQuery(ev_) == cudaSuccess; }
+    cudaEvent_t event() const override { return ev_; }
+
+   private:
+    cudaEvent_t ev_ = nullptr;
+  };
+  std::unique_ptr<DeviceWork> work() { return std::make_unique<Done>(stream_); }
+
+  int rank_, size_, device_;
+  cudaStream_t stream_;
+  std::string name_;
+};
+
+}  // namespace mop
