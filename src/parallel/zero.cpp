@@ -59,6 +59,14 @@ void merge(LayerView<float>& dst, const LayerView<float>& src) {
 
 }  // namespace
 
+void check_shard_layout(const ckpt::SafetensorsFile& f, const std::string& path, const std::string& want) {
+  const auto it = f.metadata().find("layout");
+  MOP_CHECK(it != f.metadata().end() && it->second == want,
+            "{}: saved with layout '{}', this run's layout is '{}' (another layout resumes by reading the "
+            "checkpoint whole, not shard by shard)",
+            path, it == f.metadata().end() ? "?" : it->second, want);
+}
+
 std::vector<ZeroUnitSpec> zero_units(const ParamTable& table) {
   // Each unit must be one contiguous range (params.cpp orders a layer's dense parameters before
   // its routed experts for this).
@@ -344,11 +352,7 @@ void ZeroParams::save_shard(const std::string& path) const {
 
 void ZeroParams::load_shard(const std::string& path) {
   ckpt::SafetensorsFile f(path);
-  const auto it = f.metadata().find("layout");
-  const std::string want = layout_signature();
-  MOP_CHECK(it != f.metadata().end() && it->second == want,
-            "{}: saved with layout '{}', this run's layout is '{}' (resharding is not supported yet)", path,
-            it == f.metadata().end() ? "?" : it->second, want);
+  check_shard_layout(f, path, layout_signature());
   for (Unit& u : units_) {
     const std::vector<int64_t> shape{u.shard_n};
     HostArray<float> p(size_t(u.chunk), Mem::workspace), m(size_t(u.chunk), Mem::workspace),

@@ -44,6 +44,13 @@ struct ZeroUnitSpec {
 };
 std::vector<ZeroUnitSpec> zero_units(const ParamTable& table);
 
+namespace ckpt {
+class SafetensorsFile;
+}
+// A shard file records its layout ("zero<stage> <unit>:<numel>/<ranks> ...", layout_signature);
+// loading it into another layout fails here, naming the file and both layouts.
+void check_shard_layout(const ckpt::SafetensorsFile& f, const std::string& path, const std::string& want);
+
 class ZeroParams final : public ParamSource<float>, public ShardedState {
  public:
   // table: this rank's table (all experts, or its expert-parallel block). dense: the group dense

@@ -383,11 +383,7 @@ void GpuDecoder::load_shard(const std::string& path) {
   synchronize();
   wait_comm_stream();
   ckpt::SafetensorsFile f(path);
-  const auto it = f.metadata().find("layout");
-  const std::string want = layout_signature();
-  MOP_CHECK(it != f.metadata().end() && it->second == want,
-            "{}: saved with layout '{}', this run's layout is '{}' (resharding is not supported yet)", path,
-            it == f.metadata().end() ? "?" : it->second, want);
+  check_shard_layout(f, path, layout_signature());
   for (Unit& u : units_) {
     const std::vector<int64_t> shape{u.shard_n};
     std::vector<float> p(size_t(u.chunk), 0.f), m(size_t(u.chunk), 0.f), v(size_t(u.chunk), 0.f);

@@ -7,25 +7,13 @@
 #include <thread>
 
 #include "ops/cuda/check.cuh"
+#include "parallel/cuda/event_work.h"
 
 namespace mop {
 
 static_assert(sizeof(ncclUniqueId) == sizeof(NcclGroup::UniqueId), "ncclUniqueId size changed");
 
 using Clock = std::chrono::steady_clock;
-
-// Makes `device` current for the scope and restores the caller's device after.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    MOP_CUDA_CHECK(cudaGetDevice(&prev_));
-    if (prev_ != device) MOP_CUDA_CHECK(cudaSetDevice(device));
-  }
-  ~DeviceGuard() { cudaSetDevice(prev_); }
-
- private:
-  int prev_ = 0;
-};
 
 struct NcclComm {
   ncclComm_t comm = nullptr;
@@ -151,7 +139,7 @@ char* at(void* p, size_t elems, DType t) { return static_cast<char*>(p) + elems 
 
 NcclWork::NcclWork(std::shared_ptr<NcclComm> comm, const char* op)
     : comm_(std::move(comm)), op_(op) {
-  DeviceGuard g(comm_->device);
+  DeviceScope g(comm_->device);
   MOP_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
 }
 
@@ -187,7 +175,7 @@ NcclGroup::NcclGroup(int rank, int size, const UniqueId& id, int device, cudaStr
   MOP_CHECK(size >= 1 && rank >= 0 && rank < size, "{}: rank {} / size {} invalid", c.where(),
             rank, size);
   MOP_CHECK(opt.timeout.count() > 0, "{}: timeout must be positive", c.where());
-  DeviceGuard g(device);
+  DeviceScope g(device);
   ncclUniqueId uid;
   std::memcpy(&uid, id.data(), sizeof uid);
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
@@ -206,7 +194,7 @@ NcclGroup::NcclGroup(int rank, int size, const UniqueId& id, int device, cudaStr
 
 NcclGroup::~NcclGroup() {
   if (barrier_word_) {
-    DeviceGuard g(comm_->device);
+    DeviceScope g(comm_->device);
     cudaStreamSynchronize(comm_->stream);  // a pending op may still use the word
     cudaFree(barrier_word_);
   }
@@ -221,7 +209,7 @@ cudaStream_t NcclGroup::stream() const { return comm_->stream; }
 template <class F> std::unique_ptr<NcclWork> NcclGroup::launch(const char* op, F&& fn) {
   NcclComm& c = *comm_;
   c.check_usable(op);
-  DeviceGuard g(c.device);
+  DeviceScope g(c.device);
   auto work = std::make_unique<NcclWork>(comm_, op);
   c.settle(op, fn(c));
   MOP_CUDA_CHECK(cudaEventRecord(work->event(), c.stream));

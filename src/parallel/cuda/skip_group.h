@@ -8,8 +8,8 @@
 #include <string>
 #include <utility>
 
-#include "ops/cuda/check.cuh"
 #include "parallel/cuda/device_group.h"
+#include "parallel/cuda/event_work.h"
 
 namespace mop {
 
@@ -38,21 +38,7 @@ class SkipGroup final : public DeviceGroup {
   void do_recv(void*, size_t, int, int, DType) override {}
 
  private:
-  class Done final : public DeviceWork {
-   public:
-    explicit Done(cudaStream_t s) {
-      MOP_CUDA_CHECK(cudaEventCreateWithFlags(&ev_, cudaEventDisableTiming));
-      MOP_CUDA_CHECK(cudaEventRecord(ev_, s));
-    }
-    ~Done() override { cudaEventDestroy(ev_); }
-    void wait() override { MOP_CUDA_CHECK(cudaEventSynchronize(ev_)); }
-    bool done() override { return cudaEventQuery(ev_) == cudaSuccess; }
-    cudaEvent_t event() const override { return ev_; }
-
-   private:
-    cudaEvent_t ev_ = nullptr;
-  };
-  std::unique_ptr<DeviceWork> work() { return std::make_unique<Done>(stream_); }
+  std::unique_ptr<DeviceWork> work() { return std::make_unique<EventWork>(stream_); }
 
   int rank_, size_, device_;
   cudaStream_t stream_;

@@ -7,37 +7,11 @@
 #include <cstring>
 
 #include "ops/cuda/check.cuh"
+#include "parallel/cuda/event_work.h"
 
 namespace mop {
 
 namespace {
-
-class StagedWork final : public DeviceWork {
- public:
-  explicit StagedWork(cudaStream_t s) {
-    MOP_CUDA_CHECK(cudaEventCreateWithFlags(&ev_, cudaEventDisableTiming));
-    MOP_CUDA_CHECK(cudaEventRecord(ev_, s));
-  }
-  ~StagedWork() override { cudaEventDestroy(ev_); }
-  void wait() override { MOP_CUDA_CHECK(cudaEventSynchronize(ev_)); }
-  bool done() override { return cudaEventQuery(ev_) == cudaSuccess; }
-  cudaEvent_t event() const override { return ev_; }
-
- private:
-  cudaEvent_t ev_ = nullptr;
-};
-
-class DeviceScope {
- public:
-  explicit DeviceScope(int d) {
-    MOP_CUDA_CHECK(cudaGetDevice(&prev_));
-    if (prev_ != d) MOP_CUDA_CHECK(cudaSetDevice(d));
-  }
-  ~DeviceScope() { cudaSetDevice(prev_); }
-
- private:
-  int prev_ = 0;
-};
 
 std::vector<char> to_host(const void* dev, size_t bytes, cudaStream_t s) {
   std::vector<char> h(bytes);
@@ -133,7 +107,7 @@ template <class S> std::vector<char> from_sum(const std::vector<S>& s, DType t) 
 StagedGroup::StagedGroup(ProcessGroup& host, int device, cudaStream_t stream, std::string name)
     : host_(host), device_(device), stream_(stream), name_(std::move(name)) {}
 
-std::unique_ptr<DeviceWork> StagedGroup::done_work() { return std::make_unique<StagedWork>(stream_); }
+std::unique_ptr<DeviceWork> StagedGroup::done_work() { return std::make_unique<EventWork>(stream_); }
 
 void StagedGroup::barrier() {
   DeviceScope g(device_);
