@@ -173,20 +173,12 @@ void GpuDecoder::upload_params(const float* host) {
   upload_buffers(host);
 }
 
-// The buffers' fp32 copy, and their master weights (what this rank holds of them), so that the
-// shard files carry the host's values.
+// The buffers' fp32 copy (the host owns them; their master weights in the units are not kept up to
+// date: save_shard writes the buffers from here).
 void GpuDecoder::upload_buffers(const float* host) {
   float* dst = buffers_.as<float>();
   for (const auto& [off, n] : buffer_spans_) {
     MOP_CUDA_CHECK(cudaMemcpyAsync(dst, host + off, size_t(n) * 4, cudaMemcpyHostToDevice, stream_));
-    for (const Unit& u : units_) {
-      const int64_t lo = opt_.zero >= 1 ? u.shard_begin : 0, hi = opt_.zero >= 1 ? lo + u.shard_n : u.spec.numel;
-      const int64_t a = std::max(lo, off - u.spec.begin), b = std::min(hi, off + n - u.spec.begin);
-      if (a >= b) continue;
-      const size_t at = size_t(a - lo);
-      uint16_t* l = lo_.as<uint16_t>() + (opt_.zero >= 1 ? u.sbegin : u.wbegin) + at;
-      cuda::split_master(chunk_hi(u) + at, l, dst + (a - (off - u.spec.begin)), size_t(b - a), stream_);
-    }
     dst += n;
   }
   MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
@@ -297,7 +289,8 @@ void GpuDecoder::download_grads(float* host) const {
 
 void GpuDecoder::zero_grads() {
   MOP_CHECK(state_ready_, "GpuDecoder::zero_grads before upload_params");
-  wait_comm_stream();  // a reduction of the last step may still read them
+  // No wait: the last step's reductions finished before its update (wait_reductions), which the
+  // compute stream ran before this.
   MOP_CUDA_CHECK(cudaMemsetAsync(grads_.data(), 0, grads_.bytes(), stream_));
   if (head32_.data()) MOP_CUDA_CHECK(cudaMemsetAsync(head32_.data(), 0, head32_.bytes(), stream_));
   if (fn16_.data()) MOP_CUDA_CHECK(cudaMemsetAsync(fn16_.data(), 0, fn16_.bytes(), stream_));

@@ -162,7 +162,7 @@ class GpuDecoder final : public ShardedState {
   double grad_norm2_shards();                // zero >= 1: this rank's reduced chunks, squared
   void adam_units(const cuda::AdamWArgs& args, double weight_decay);  // zero >= 1
   void wait_comm();                          // host: the pending collectives (timeout, not hang)
-  void wait_comm_stream();                   // host: everything on the comm stream
+  void wait_comm_stream();                   // host: everything on both streams' collectives
   double grad_norm2();
   void build_adam_runs();
   template <class T>
@@ -203,7 +203,8 @@ class GpuDecoder final : public ShardedState {
   cudaEvent_t comm_done_ = nullptr, compute_mark_ = nullptr;
   bool last_micro_ = true, state_ready_ = false;
   std::unique_ptr<DeviceWork> comm_pending_;               // the last expert exchange (compute stream)
-  std::unique_ptr<DeviceWork> comm_last_;                  // the last collective on the comm stream
+  std::unique_ptr<DeviceWork> comm_last_;                  // the last reduction or slot gather (comm stream)
+  std::unique_ptr<DeviceWork> gather_last_;                // the last post-update gather (comm stream)
   std::unique_ptr<Acts> acts_;
   int acts_N_ = -1;
   int64_t steps_ = 0;

@@ -291,7 +291,7 @@ void GpuDecoder::gather_after_step() {
   for (Unit& u : units_) {
     if (u.wbegin == Unit::none || !u.sharded()) continue;
     bf16* whole = hi_.as<bf16>() + u.wbegin;
-    comm_last_ = u.group->all_gather_async(whole + u.shard_begin, size_t(u.chunk), whole, DType::bf16);
+    gather_last_ = u.group->all_gather_async(whole + u.shard_begin, size_t(u.chunk), whole, DType::bf16);
     MOP_CUDA_CHECK(cudaEventRecord(u.ready, comm_stream_));
     u.gathering = true;
   }
@@ -332,13 +332,18 @@ double GpuDecoder::grad_norm2() {
 void GpuDecoder::wait_comm() {
   if (comm_pending_) comm_pending_->wait(), comm_pending_.reset();
   if (comm_last_) comm_last_->wait(), comm_last_.reset();
+  if (gather_last_) gather_last_->wait(), gather_last_.reset();
 }
 void GpuDecoder::wait_comm_stream() {
-  if (comm_last_) comm_last_->wait(), comm_last_.reset();
+  wait_comm();
   MOP_CUDA_CHECK(cudaStreamSynchronize(comm_stream_));
 }
+// The end of a step: the compute stream depends on the exchanges and reductions, not on the
+// post-update gathers, which overlap the next forward (its units wait for them on the device; its
+// first host wait, wait_comm, also waits for them on the host).
 void GpuDecoder::synchronize() {
-  wait_comm();
+  if (comm_pending_) comm_pending_->wait(), comm_pending_.reset();
+  if (comm_last_) comm_last_->wait(), comm_last_.reset();
   MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
@@ -369,6 +374,17 @@ void GpuDecoder::save_shard(const std::string& path) const {
     if (n) {
       MOP_CUDA_CHECK(cudaMemcpy(m.data(), m_.as<float>() + at, n * 4, cudaMemcpyDeviceToHost));
       MOP_CUDA_CHECK(cudaMemcpy(v.data(), v_.as<float>() + at, n * 4, cudaMemcpyDeviceToHost));
+    }
+    // The buffers (router bias) as the host last set them, not their stale master copies.
+    size_t in_buffers = 0;
+    for (const auto& [off, len] : buffer_spans_) {
+      const int64_t a = std::max(u.shard_begin, off - u.spec.begin);
+      const int64_t b = std::min(u.shard_begin + u.shard_n, off + len - u.spec.begin);
+      if (a < b)
+        MOP_CUDA_CHECK(cudaMemcpy(p.data() + (a - u.shard_begin),
+                                  buffers_.as<float>() + in_buffers + (a - (off - u.spec.begin)),
+                                  size_t(b - a) * 4, cudaMemcpyDeviceToHost));
+      in_buffers += size_t(len);
     }
     const std::vector<int64_t> shape{int64_t(n)};
     w.add(u.spec.name + ".param", DType::f32, shape, p.data());
