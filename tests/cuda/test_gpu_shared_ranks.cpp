@@ -8,6 +8,7 @@
 //   * 4 ranks with ep = 2: expert units sharded over their replicas too (gathered into slots).
 //   * the data-parallel run against one rank, within the bf16 tolerance of tests/multigpu.
 //   * a zero 3 checkpoint resumes bit-identically on the same layout and resumes on another one.
+//   * a sigmoid router's bias survives a sharded resume.
 //   * parallel.gpu_comm = skip runs.
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -106,6 +107,21 @@ TEST_F(SharedGpu, ZeroThreeCheckpointResumes) {
   const std::vector<double> other = train("other", 2, "--set train.grad_accum=1 --set parallel.zero=1 "
                                                       "--set parallel.ep=2 --resume " + ck.string(), 8);
   EXPECT_EQ(other.size(), 2u);
+}
+
+// A sigmoid router's balance bias is a buffer the host updates every step: the shard files must carry
+// the host's values (not the units' stale master copies), so a resumed run continues bit for bit.
+TEST_F(SharedGpu, RouterBiasSurvivesShardedResume) {
+  const std::string base =
+      "--set model.family=deepseek_v3 --set model.router=sigmoid --set model.shared_experts=1 "
+      "--set model.layers=3 --set model.dense_layers=1 --set model.router_groups=4 --set model.router_topk_groups=2 "
+      "--set train.grad_accum=1 --set parallel.zero=2 --set parallel.ep=2 --set train.save_every=4 ";
+  const std::vector<double> full = train("full", 2, base, 8);
+  ASSERT_EQ(full.size(), 8u);
+  const fs::path ck = dir / "full" / "checkpoints" / "step_0000004";
+  const std::vector<double> resumed = train("resumed", 2, base + "--resume " + ck.string(), 8);
+  ASSERT_EQ(resumed.size(), 4u);
+  for (size_t i = 0; i < 4; ++i) EXPECT_EQ(resumed[i], full[4 + i]) << "step " << 5 + i;
 }
 
 // parallel.gpu_comm = skip (timing the step without communication) runs the same layouts; its
