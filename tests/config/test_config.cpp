@@ -58,6 +58,8 @@ TEST(Config, BadValuesNameTheValues) {
   EXPECT_NE(err({"train.lr=abc"}).find("train.lr: expected a number"), std::string::npos);
   EXPECT_NE(err({"train.schedule=cosin"}).find("train.schedule = 'cosin' is not one of"), std::string::npos);
   EXPECT_NE(err({"device=tpu"}).find("device = 'tpu'"), std::string::npos);
+  EXPECT_NE(err({"parallel.gpu_comm=mpi"}).find("parallel.gpu_comm must be 'nccl', 'host' or 'skip', got 'mpi'"),
+            std::string::npos);
   EXPECT_NE(err({"trainlr"}).find("--set expects key=value"), std::string::npos);
   std::string m = error_of([] { parse_config_text("[train\nlr=1", "bad.toml", {}); });
   EXPECT_NE(m.find("bad.toml: invalid TOML at line 1"), std::string::npos) << m;
