@@ -11,6 +11,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/error.h"
@@ -75,6 +76,15 @@ template <class T> struct ModelView {
   T* head = nullptr;        // (V, D): the embedding itself when tied
   std::vector<LayerView<T>> layers;
 };
+// Sets the non-null pointers of src in dst: one unit's view of a layer (parallel/zero.h's units
+// split a layer into its dense part and its experts) joins the others'.
+template <class T> void merge_layer_view(LayerView<T>& dst, const LayerView<T>& src) {
+  for (auto [d, s] : {std::pair{&dst.ln1, src.ln1}, {&dst.wqkv, src.wqkv}, {&dst.q_norm, src.q_norm},
+                      {&dst.k_norm, src.k_norm}, {&dst.wo, src.wo}, {&dst.ln2, src.ln2}, {&dst.router, src.router},
+                      {&dst.router_bias, src.router_bias}, {&dst.w_gu, src.w_gu}, {&dst.w_down, src.w_down},
+                      {&dst.shared_gu, src.shared_gu}, {&dst.shared_down, src.shared_down}})
+    if (s) *d = s;
+}
 // Defined here (not in params.cpp) so any element type works: float, double, bf16.
 template <class T> ModelView<T> make_view(const ParamTable& t, const ModelConfig& c, T* base) {
   ModelView<T> v;

@@ -46,17 +46,6 @@ ModelView<float> unit_view(const ParamTable& sub, const ModelConfig& c, float* b
   return make_view<float>(sub, c, base);
 }
 
-// Copies the non-null pointers of a unit's layer view into the decoder's.
-void merge(LayerView<float>& dst, const LayerView<float>& src) {
-  auto take = [](float*& d, float* s) {
-    if (s) d = s;
-  };
-  take(dst.ln1, src.ln1), take(dst.wqkv, src.wqkv), take(dst.q_norm, src.q_norm), take(dst.k_norm, src.k_norm);
-  take(dst.wo, src.wo), take(dst.ln2, src.ln2), take(dst.router, src.router), take(dst.router_bias, src.router_bias);
-  take(dst.w_gu, src.w_gu), take(dst.w_down, src.w_down), take(dst.shared_gu, src.shared_gu);
-  take(dst.shared_down, src.shared_down);
-}
-
 }  // namespace
 
 void check_shard_layout(const ckpt::SafetensorsFile& f, const std::string& path, const std::string& want) {
@@ -265,8 +254,8 @@ void ZeroParams::acquire_layer(int l, bool backward, LayerView<float>& w, LayerV
     Unit* u = find(l, experts);
     if (!u) continue;
     acquire(*u, backward);
-    merge(w, unit_view(u->sub, c_, u->w_full.data()).layers[size_t(l)]);
-    if (backward) merge(g, unit_view(u->sub, c_, u->g_full.data()).layers[size_t(l)]);
+    merge_layer_view(w, unit_view(u->sub, c_, u->w_full.data()).layers[size_t(l)]);
+    if (backward) merge_layer_view(g, unit_view(u->sub, c_, u->g_full.data()).layers[size_t(l)]);
   }
   // The decoder walks the layers up in forward and down in backward: gather the next one while
   // this one computes.

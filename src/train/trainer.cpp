@@ -201,8 +201,8 @@ Trainer::Trainer(Config cfg, TrainOptions opt) : cfg_(std::move(cfg)), opt_(std:
     go.zero = int(cfg_.parallel.zero);
     if (parallel) {  // one GPU per local rank (NCCL), or ranks sharing GPUs (collectives staged through the host)
       const int gpus = cuda::device_count();
-      const bool staged = cfg_.parallel.gpu_comm != "nccl";
-      MOP_CHECK(staged || rank_.local_rank < gpus,
+      const bool may_share = cfg_.parallel.gpu_comm != "nccl";  // host or skip: no NCCL communicator
+      MOP_CHECK(may_share || rank_.local_rank < gpus,
                 "rank {} has local rank {} but {} GPU(s) are visible: NCCL needs one GPU per rank on each node "
                 "(parallel.gpu_comm = host lets ranks share a GPU, slowly)",
                 rank_.rank, rank_.local_rank, gpus);
@@ -355,7 +355,6 @@ double Trainer::optimizer_step(double lr) {
 #ifdef MOP_HAVE_CUDA
   if (gpu_) {
     const TrainConfig& t = cfg_.train;
-    gpu_->reduce_grads();  // those the last micro-batch's backward did not start
     return gpu_->optimizer_step(lr, t.beta1, t.beta2, t.eps, t.weight_decay, t.clip);
   }
 #endif

@@ -80,7 +80,7 @@ void GpuDecoder::allocate_state() {
     if (opt_.zero == 3) zeroed(w_slots_, Mem::params, 2 * slot_elems_ * 2);
     if (opt_.zero >= 2 && opt_.bf16_grads) zeroed(g_slots_, Mem::grads, 2 * slot_elems_ * 2);
   }
-  norm2_ = Buffer(Device::cuda, Mem::workspace, (units_.size() + 1) * sizeof(double));
+  norm2_ = Buffer(Device::cuda, Mem::workspace, units_.size() * sizeof(double));
 
   // Views: whole units bound once; slotted ones at acquire_layer.
   w_.layers.assign(size_t(c_.layers), {});

@@ -153,6 +153,7 @@ class GpuDecoder final : public ShardedState {
   void acquire_layer(int l, bool backward);  // before the layer's forward / recompute / backward
   void release_layer(int l, bool backward);  // after them: starts the gradient reduction, frees slots
   void acquire_outer();                      // before a micro-batch: embed and head complete
+  void wait_gathered(int unit);
   void head_grads_done();                    // after the head's backward (bf16: final norm cast)
   void embed_grads_done();
   void reduce_unit(Unit& u);                 // starts u's reduction (once per step)

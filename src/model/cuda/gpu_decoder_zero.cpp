@@ -24,20 +24,11 @@ namespace {
 constexpr size_t kAlign = 64;  // elements: every unit starts 128-byte aligned in every buffer
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
-template <class T> void merge_layer(LayerView<T>& d, const LayerView<T>& s) {
-  auto take = [](T*& a, T* b) {
-    if (b) a = b;
-  };
-  take(d.ln1, s.ln1), take(d.wqkv, s.wqkv), take(d.q_norm, s.q_norm), take(d.k_norm, s.k_norm);
-  take(d.wo, s.wo), take(d.ln2, s.ln2), take(d.router, s.router), take(d.router_bias, s.router_bias);
-  take(d.w_gu, s.w_gu), take(d.w_down, s.w_down), take(d.shared_gu, s.shared_gu), take(d.shared_down, s.shared_down);
-}
-
 }  // namespace
 
 template <class T> void GpuDecoder::bind_unit(ModelView<T>& v, const Unit& u, T* base) {
   const ModelView<T> uv = make_view<T>(u.spec.sub, c_, base);
-  if (u.spec.layer >= 0) return merge_layer(v.layers[size_t(u.spec.layer)], uv.layers[size_t(u.spec.layer)]);
+  if (u.spec.layer >= 0) return merge_layer_view(v.layers[size_t(u.spec.layer)], uv.layers[size_t(u.spec.layer)]);
   if (uv.embed) v.embed = uv.embed;
   if (uv.final_norm) v.final_norm = uv.final_norm;
   if (uv.head) v.head = uv.head;
@@ -155,14 +146,16 @@ void GpuDecoder::build_adam_runs() {
 
 // ------------------------------------------------------------------ hooks around the layers
 
+// The compute stream waits for unit i's post-update all-gather, if one is pending (i < 0: none).
+void GpuDecoder::wait_gathered(int i) {
+  if (i < 0 || !units_[size_t(i)].gathering) return;
+  MOP_CUDA_CHECK(cudaStreamWaitEvent(stream_, units_[size_t(i)].ready, 0));
+  units_[size_t(i)].gathering = false;
+}
+
 void GpuDecoder::acquire_outer() {
-  for (int i : {embed_unit_, head_unit_}) {
-    if (i < 0) continue;
-    Unit& u = units_[size_t(i)];
-    if (!u.gathering) continue;
-    MOP_CUDA_CHECK(cudaStreamWaitEvent(stream_, u.ready, 0));
-    u.gathering = false;
-  }
+  wait_gathered(embed_unit_);
+  wait_gathered(head_unit_);
 }
 
 void GpuDecoder::gather_unit(Unit& u, int slot) {
@@ -174,13 +167,8 @@ void GpuDecoder::gather_unit(Unit& u, int slot) {
 
 void GpuDecoder::acquire_layer(int l, bool backward) {
   const int s = l & 1;
-  for (int i : {layer_unit_[size_t(l)], expert_unit_[size_t(l)]}) {
-    if (i < 0) continue;
-    Unit& u = units_[size_t(i)];
-    if (!u.gathering) continue;
-    MOP_CUDA_CHECK(cudaStreamWaitEvent(stream_, u.ready, 0));
-    u.gathering = false;
-  }
+  wait_gathered(layer_unit_[size_t(l)]);
+  wait_gathered(expert_unit_[size_t(l)]);
   if (opt_.zero == 3 && w_slots_.data()) {
     // This layer (gathered already, or now), then the next one in the walk into the other slot.
     for (int k : {l, backward ? l - 1 : l + 1}) {

@@ -58,14 +58,29 @@ class DeviceGroup : public ProcessGroup {
                     const std::vector<size_t>& recv_counts, DType t) {
     all_to_all_v_async(in, send_counts, out, recv_counts, t)->wait();
   }
-  virtual std::unique_ptr<DeviceWork> all_reduce_sum_async(void* data, size_t n, DType t) = 0;
-  virtual std::unique_ptr<DeviceWork> all_gather_async(const void* in, size_t n, void* out, DType t) = 0;
-  virtual std::unique_ptr<DeviceWork> reduce_scatter_sum_async(const void* in, void* out, size_t n, DType t) = 0;
-  virtual std::unique_ptr<DeviceWork> all_to_all_v_async(const void* in, const std::vector<size_t>& send_counts,
-                                                         void* out, const std::vector<size_t>& recv_counts,
-                                                         DType t) = 0;
+  std::unique_ptr<DeviceWork> all_reduce_sum_async(void* data, size_t n, DType t) {
+    return enqueue_all_reduce_sum(data, n, t);
+  }
+  std::unique_ptr<DeviceWork> all_gather_async(const void* in, size_t n, void* out, DType t) {
+    return enqueue_all_gather(in, n, out, t);
+  }
+  std::unique_ptr<DeviceWork> reduce_scatter_sum_async(const void* in, void* out, size_t n, DType t) {
+    return enqueue_reduce_scatter_sum(in, out, n, t);
+  }
+  std::unique_ptr<DeviceWork> all_to_all_v_async(const void* in, const std::vector<size_t>& send_counts, void* out,
+                                                 const std::vector<size_t>& recv_counts, DType t) {
+    return enqueue_all_to_all_v(in, send_counts, out, recv_counts, t);
+  }
 
  protected:
+  // What an implementation provides: enqueue on stream() and return the operation's work.
+  virtual std::unique_ptr<DeviceWork> enqueue_all_reduce_sum(void* data, size_t n, DType t) = 0;
+  virtual std::unique_ptr<DeviceWork> enqueue_all_gather(const void* in, size_t n, void* out, DType t) = 0;
+  virtual std::unique_ptr<DeviceWork> enqueue_reduce_scatter_sum(const void* in, void* out, size_t n, DType t) = 0;
+  virtual std::unique_ptr<DeviceWork> enqueue_all_to_all_v(const void* in, const std::vector<size_t>& send_counts,
+                                                           void* out, const std::vector<size_t>& recv_counts,
+                                                           DType t) = 0;
+
   void do_all_reduce_sum(void* data, size_t n, DType t) override { all_reduce_sum(data, n, t); }
   void do_all_gather(const void* in, size_t n, void* out, DType t) override { all_gather(in, n, out, t); }
   void do_reduce_scatter_sum(const void* in, void* out, size_t n, DType t) override {

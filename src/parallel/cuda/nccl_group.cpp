@@ -216,14 +216,14 @@ template <class F> std::unique_ptr<NcclWork> NcclGroup::launch(const char* op, F
   return work;
 }
 
-std::unique_ptr<DeviceWork> NcclGroup::all_reduce_sum_async(void* data, size_t n, DType t) {
+std::unique_ptr<DeviceWork> NcclGroup::enqueue_all_reduce_sum(void* data, size_t n, DType t) {
   const ncclDataType_t dt = nccl_type(t, "all_reduce_sum", *comm_);
   return launch("all_reduce_sum", [&](NcclComm& c) {
     return n ? ncclAllReduce(data, data, n, dt, ncclSum, c.comm, c.stream) : ncclSuccess;
   });
 }
 
-std::unique_ptr<DeviceWork> NcclGroup::all_gather_async(const void* in, size_t n, void* out,
+std::unique_ptr<DeviceWork> NcclGroup::enqueue_all_gather(const void* in, size_t n, void* out,
                                                       DType t) {
   const ncclDataType_t dt = nccl_type(t, "all_gather", *comm_);
   return launch("all_gather", [&](NcclComm& c) {
@@ -231,7 +231,7 @@ std::unique_ptr<DeviceWork> NcclGroup::all_gather_async(const void* in, size_t n
   });
 }
 
-std::unique_ptr<DeviceWork> NcclGroup::reduce_scatter_sum_async(const void* in, void* out,
+std::unique_ptr<DeviceWork> NcclGroup::enqueue_reduce_scatter_sum(const void* in, void* out,
                                                               size_t n, DType t) {
   const ncclDataType_t dt = nccl_type(t, "reduce_scatter_sum", *comm_);
   return launch("reduce_scatter_sum", [&](NcclComm& c) {
@@ -241,7 +241,7 @@ std::unique_ptr<DeviceWork> NcclGroup::reduce_scatter_sum_async(const void* in, 
 
 // One NCCL group of sends and receives: NCCL schedules them together, so no ordering of the
 // pairs can deadlock. Zero counts are skipped.
-std::unique_ptr<DeviceWork> NcclGroup::all_to_all_v_async(const void* in,
+std::unique_ptr<DeviceWork> NcclGroup::enqueue_all_to_all_v(const void* in,
                                                         const std::vector<size_t>& send_counts,
                                                         void* out,
                                                         const std::vector<size_t>& recv_counts,

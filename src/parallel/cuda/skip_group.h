@@ -24,15 +24,14 @@ class SkipGroup final : public DeviceGroup {
   cudaStream_t stream() const override { return stream_; }
   void barrier() override {}
 
-  std::unique_ptr<DeviceWork> all_reduce_sum_async(void*, size_t, DType) override { return work(); }
-  std::unique_ptr<DeviceWork> all_gather_async(const void*, size_t, void*, DType) override { return work(); }
-  std::unique_ptr<DeviceWork> reduce_scatter_sum_async(const void*, void*, size_t, DType) override { return work(); }
-  std::unique_ptr<DeviceWork> all_to_all_v_async(const void*, const std::vector<size_t>&, void*,
+ protected:
+  std::unique_ptr<DeviceWork> enqueue_all_reduce_sum(void*, size_t, DType) override { return work(); }
+  std::unique_ptr<DeviceWork> enqueue_all_gather(const void*, size_t, void*, DType) override { return work(); }
+  std::unique_ptr<DeviceWork> enqueue_reduce_scatter_sum(const void*, void*, size_t, DType) override { return work(); }
+  std::unique_ptr<DeviceWork> enqueue_all_to_all_v(const void*, const std::vector<size_t>&, void*,
                                                  const std::vector<size_t>&, DType) override {
     return work();
   }
-
- protected:
   void do_broadcast(void*, size_t, int, DType) override {}
   void do_send(const void*, size_t, int, int, DType) override {}
   void do_recv(void*, size_t, int, int, DType) override {}

@@ -115,7 +115,7 @@ void StagedGroup::barrier() {
   host_.barrier();
 }
 
-std::unique_ptr<DeviceWork> StagedGroup::all_reduce_sum_async(void* data, size_t n, DType t) {
+std::unique_ptr<DeviceWork> StagedGroup::enqueue_all_reduce_sum(void* data, size_t n, DType t) {
   DeviceScope g(device_);
   const size_t bytes = n * dtype_size(t);
   std::vector<char> b = to_host(data, bytes, stream_);
@@ -128,7 +128,7 @@ std::unique_ptr<DeviceWork> StagedGroup::all_reduce_sum_async(void* data, size_t
   return done_work();
 }
 
-std::unique_ptr<DeviceWork> StagedGroup::all_gather_async(const void* in, size_t n, void* out, DType t) {
+std::unique_ptr<DeviceWork> StagedGroup::enqueue_all_gather(const void* in, size_t n, void* out, DType t) {
   DeviceScope g(device_);
   std::vector<char> b = to_host(in, n * dtype_size(t), stream_);
   as_words(t, [&]<class W>() {
@@ -140,7 +140,7 @@ std::unique_ptr<DeviceWork> StagedGroup::all_gather_async(const void* in, size_t
   return done_work();
 }
 
-std::unique_ptr<DeviceWork> StagedGroup::reduce_scatter_sum_async(const void* in, void* out, size_t n, DType t) {
+std::unique_ptr<DeviceWork> StagedGroup::enqueue_reduce_scatter_sum(const void* in, void* out, size_t n, DType t) {
   DeviceScope g(device_);
   std::vector<char> b = to_host(in, n * size_t(size()) * dtype_size(t), stream_);
   as_sum_type(t, [&]<class S>() {
@@ -152,7 +152,7 @@ std::unique_ptr<DeviceWork> StagedGroup::reduce_scatter_sum_async(const void* in
   return done_work();
 }
 
-std::unique_ptr<DeviceWork> StagedGroup::all_to_all_v_async(const void* in, const std::vector<size_t>& send_counts,
+std::unique_ptr<DeviceWork> StagedGroup::enqueue_all_to_all_v(const void* in, const std::vector<size_t>& send_counts,
                                                             void* out, const std::vector<size_t>& recv_counts,
                                                             DType t) {
   DeviceScope g(device_);

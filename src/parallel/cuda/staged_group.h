@@ -28,17 +28,13 @@ class StagedGroup final : public DeviceGroup {
   cudaStream_t stream() const override { return stream_; }
   void barrier() override;
 
-  std::unique_ptr<DeviceWork> all_reduce_sum_async(void* data, size_t n, DType t) override;
-  std::unique_ptr<DeviceWork> all_gather_async(const void* in, size_t n, void* out, DType t) override;
-  std::unique_ptr<DeviceWork> reduce_scatter_sum_async(const void* in, void* out, size_t n, DType t) override;
-  std::unique_ptr<DeviceWork> all_to_all_v_async(const void* in, const std::vector<size_t>& send_counts, void* out,
-                                                 const std::vector<size_t>& recv_counts, DType t) override;
-  using DeviceGroup::all_gather_async;
-  using DeviceGroup::all_reduce_sum_async;
-  using DeviceGroup::all_to_all_v_async;
-  using DeviceGroup::reduce_scatter_sum_async;
 
  protected:
+  std::unique_ptr<DeviceWork> enqueue_all_reduce_sum(void* data, size_t n, DType t) override;
+  std::unique_ptr<DeviceWork> enqueue_all_gather(const void* in, size_t n, void* out, DType t) override;
+  std::unique_ptr<DeviceWork> enqueue_reduce_scatter_sum(const void* in, void* out, size_t n, DType t) override;
+  std::unique_ptr<DeviceWork> enqueue_all_to_all_v(const void* in, const std::vector<size_t>& send_counts, void* out,
+                                                   const std::vector<size_t>& recv_counts, DType t) override;
   void do_broadcast(void* data, size_t n, int root, DType t) override;
   void do_send(const void* data, size_t n, int peer, int tag, DType t) override;
   void do_recv(void* data, size_t n, int peer, int tag, DType t) override;
