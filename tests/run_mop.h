@@ -34,11 +34,15 @@ inline MopResult run_mop(const std::string& args) {
 }
 
 // The per-step losses a run wrote to run_dir/metrics.jsonl.
-inline std::vector<double> metric_losses(const std::filesystem::path& run_dir) {
+// One field of every line of a run's metrics.jsonl ("loss", "grad_norm", ...).
+inline std::vector<double> metric_values(const std::filesystem::path& run_dir, const std::string& key) {
   std::ifstream f(run_dir / "metrics.jsonl");
   std::vector<double> v;
-  for (std::string line; std::getline(f, line);) v.push_back(nlohmann::json::parse(line).at("loss").get<double>());
+  for (std::string line; std::getline(f, line);) v.push_back(nlohmann::json::parse(line).at(key).get<double>());
   return v;
+}
+inline std::vector<double> metric_losses(const std::filesystem::path& run_dir) {
+  return metric_values(run_dir, "loss");
 }
 
 }  // namespace mop::test

@@ -9,6 +9,7 @@
 
 #include "core/alloc.h"
 #include "model/cuda/gpu_decoder.h"
+#include "parallel/cuda/expert_exchange_gpu.h"
 #include "parallel/zero.h"
 
 namespace mop {
@@ -93,6 +94,22 @@ struct GpuDecoder::Acts {
   int head_rows = 0;  // R: rows of logits alive at once
   Buffer workspace;   // cuDNN, CUB; grown when an attention shape needs more
   size_t workspace_bytes = 0;
+
+  // Expert parallelism (gpu_decoder_comm.cpp): the MoE layers keep no (M, .) expert-sorted rows on
+  // the source rank; each layer's owner side keeps its pairs instead. R pairs and Rt received tokens
+  // vary with the routing: grow-only buffers, replaced only while the stream is past a host sync.
+  struct EpLayer {
+    GpuTokenExchange x;
+    Buffer xl, gu, a, yl;  // (R, D), (R, 2F), (R, F) (without recompute), (R, D): expert-major pairs
+    size_t r_cap = 0;
+  };
+  std::vector<EpLayer> ep;                 // (L)
+  __nv_bfloat16* ep_send = nullptr;        // (S, D), S <= N min(ep, K): token rows to / from the owners
+  int32_t* ep_send_pos = nullptr;          // (S, K) the sent tokens' pair fields
+  float* ep_send_gate = nullptr;           // (S, K) their gates; in backward, their gate gradients
+  Buffer ep_recv, ep_dgate;                // (Rt, D), (Rt, K): received rows, owner-side gate gradients
+  Buffer ep_tmp, ep_a, ep_da, ep_dgu;      // (R, D), (R, F), (R, F), (R, 2F), shared by the layers
+  size_t ep_rt_cap = 0, ep_r_cap = 0;
 };
 
 }  // namespace mop

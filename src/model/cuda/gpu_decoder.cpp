@@ -347,11 +347,13 @@ void GpuDecoder::ensure_acts(int N) {
   a.cu = a.alloc<int32_t>(n + 1, A);
   for (size_t l = 0; l <= L; ++l) a.xs.push_back(a.alloc<bf16>(ND, A));
 
-  // The largest FFN buffers any layer needs (expert-sorted rows, dense FFN, shared experts).
+  // The largest FFN buffers any layer needs (expert-sorted rows, dense FFN, shared experts). With
+  // expert parallelism the MoE layers keep no (M, .) rows here: their pairs live on the owners.
   bool any_moe = false, any_dense = false;
   for (size_t l = 0; l < L; ++l) (c_.is_moe_layer(int64_t(l)) ? any_moe : any_dense) = true;
-  const size_t gu_max = std::max(any_moe ? M * 2 * F : 0, any_dense ? n * 2 * Fd : 0);
-  const size_t a_max = std::max(any_moe ? M * F : 0, any_dense ? n * Fd : 0);
+  const bool rows = !expert_parallel();
+  const size_t gu_max = std::max(any_moe && rows ? M * 2 * F : 0, any_dense ? n * 2 * Fd : 0);
+  const size_t a_max = std::max(any_moe && rows ? M * F : 0, any_dense ? n * Fd : 0);
   const bool shared = any_moe && c_.shared_experts > 0;
 
   // Three groups of per-layer buffers, each either this layer's own (kept for backward) or one
@@ -365,15 +367,15 @@ void GpuDecoder::ensure_acts(int N) {
     y.rstd1 = a.alloc<float>(n, A), y.rstd2 = a.alloc<float>(n, A);
     y.q = a.alloc<bf16>(n * Q, A), y.k = a.alloc<bf16>(n * KD, A);
     y.rstd_q = a.alloc<float>(n * H, A), y.rstd_k = a.alloc<float>(n * KV, A);
-    if (moe) y.xp = a.alloc<bf16>(M * D, A);
-    y.a = a.alloc<bf16>(dense && moe ? a_max : moe ? M * F : n * Fd, A);
+    if (moe && rows) y.xp = a.alloc<bf16>(M * D, A);
+    y.a = a.alloc<bf16>(dense && moe ? a_max : moe ? (rows ? M * F : 0) : n * Fd, A);
     if (moe && shared) y.sa = a.alloc<bf16>(n * Fs, A);
   };
   auto alloc_rest = [&](Acts::Layer& y, bool moe, bool dense) {
     y.q_raw = a.alloc<bf16>(n * Q, A), y.k_raw = a.alloc<bf16>(n * KD, A), y.v = a.alloc<bf16>(n * KD, A);
     y.att = a.alloc<bf16>(n * Q, A), y.lse = a.alloc<float>(n * H, A);
-    if (moe) y.yp = a.alloc<bf16>(M * D, A);
-    y.gu = a.alloc<bf16>(dense && moe ? gu_max : moe ? M * 2 * F : n * 2 * Fd, A);
+    if (moe && rows) y.yp = a.alloc<bf16>(M * D, A);
+    y.gu = a.alloc<bf16>(dense && moe ? gu_max : moe ? (rows ? M * 2 * F : 0) : n * 2 * Fd, A);
     if (moe && shared) y.sgu = a.alloc<bf16>(n * 2 * Fs, A);
   };
   if (!keep_cheap) alloc_cheap(one, any_moe, any_dense);
@@ -408,7 +410,14 @@ void GpuDecoder::ensure_acts(int N) {
   a.datt = a.alloc<bf16>(n * Q, W), a.dq = a.alloc<bf16>(n * Q, W), a.dk = a.alloc<bf16>(n * KD, W);
   a.dv = a.alloc<bf16>(n * KD, W), a.dkr = a.alloc<bf16>(n * KD, W), a.dqkv = a.alloc<bf16>(n * O, W);
   const size_t gu_all = std::max(gu_max, shared ? n * 2 * Fs : 0), a_all = std::max(a_max, shared ? n * Fs : 0);
-  if (any_moe) a.dyp = a.alloc<bf16>(M * D, W), a.dxp = a.dyp;
+  if (any_moe && rows) a.dyp = a.alloc<bf16>(M * D, W), a.dxp = a.dyp;
+  if (any_moe && !rows) {
+    // Each token goes to at most min(ep, K) ranks.
+    const size_t S = n * size_t(std::min<int64_t>(comm_.ep->size(), int64_t(K)));
+    a.ep.resize(L);
+    a.ep_send = a.alloc<bf16>(S * D, Mem::comm);
+    a.ep_send_pos = a.alloc<int32_t>(S * K, Mem::comm), a.ep_send_gate = a.alloc<float>(S * K, Mem::comm);
+  }
   a.da = a.alloc<bf16>(a_all, W), a.dgu = a.alloc<bf16>(gu_all, W);
   a.dw = a.alloc<float>(M, W), a.dprobs = a.alloc<float>(n * E, W), a.dlogits = a.alloc<float>(n * E, W);
   a.dlogits_bf = a.alloc<bf16>(n * E, W);

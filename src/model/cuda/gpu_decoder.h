@@ -48,7 +48,6 @@ namespace mop {
 class ProcessGroup;
 class DeviceGroup;
 class DeviceWork;
-struct GpuExpertPlan;
 
 // A multi-GPU run's groups (set by the trainer; parallel/world.h, parallel/cuda/device_group.h).
 // world and edp run on the decoder's comm_stream(), ep on its stream(). A null member: that axis
@@ -144,10 +143,11 @@ class GpuDecoder final : public ShardedState {
   void layer_backward(int l, const LayerView<G>& g, float lb_scale);
   // Expert parallelism and global load-balancing statistics (gpu_decoder_comm.cpp).
   bool expert_parallel() const;
-  void global_lb_stats(int l);                    // after the layer's routing, before backward
-  void experts_forward_ep(int l);                 // y.xp -> y.yp through the experts' owners
+  void global_lb_copy(int l);    // after the layer's routing: queues the statistics' host copies
+  void global_lb_stats(int l);   // after the layer's host sync: over all ranks, before backward
+  void experts_forward_ep(int l);  // y.h2 -> a.dtmp through the experts' owners
   template <class G>
-  void experts_backward_ep(int l, const LayerView<G>& g);  // a.dyp -> a.dxp
+  void experts_backward_ep(int l, const LayerView<G>& g);  // a.dx -> a.dh (expert part), a.dw
   // ZeRO units and their collectives (gpu_decoder_zero.cpp).
   void build_units();
   void acquire_layer(int l, bool backward);  // before the layer's forward / recompute / backward
@@ -211,17 +211,10 @@ class GpuDecoder final : public ShardedState {
   int64_t steps_ = 0;
 
   GpuComm comm_;
-  struct EpLayer {  // expert-parallel state of one MoE layer: kept from forward to backward
-    std::shared_ptr<GpuExpertPlan> plan;
-    Buffer xl, gu, a;  // (R, D), (R, 2F), (R, F): the local experts' rows, expert-major
-    size_t cap = 0;    // rows the buffers hold
-  };
-  std::vector<EpLayer> ep_layers_;
-  Buffer ep_scratch_, ep_tmp_, ep_da_, ep_dgu_;  // (R, D), (R, D), (R, F), (R, 2F), shared by the layers
-  size_t ep_cap_ = 0;
   std::vector<double> lb_global_;                // (L) load-balancing loss over all ranks' tokens
   std::vector<float> lb_grad_factor_;            // (L) (N / N_total)^2: see global_lb_stats
   std::vector<std::vector<int32_t>> counts_host_;  // (L, E) global counts, host side of the upload
+  std::vector<float> lb_mean_host_;                // (E) this rank's mean probabilities, host copy
 };
 
 }  // namespace mop

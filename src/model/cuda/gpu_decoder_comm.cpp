@@ -1,6 +1,6 @@
-// GpuDecoder across ranks: expert-parallel MoE layers (rows to the experts' owners and back over
-// NCCL), the load-balancing statistics of the whole micro-batch, and the gradient reduction and
-// global norm of the step. Same math as the CPU path (model/ffn_block.cpp, parallel/zero.cpp).
+// GpuDecoder across ranks: expert-parallel MoE layers (each token's row once to every rank owning
+// one of its experts, one gate-weighted row back: parallel/cuda/expert_exchange_gpu.h) and the
+// load-balancing statistics of the whole micro-batch. Same math as the CPU path (model/ffn_block.cpp, parallel/zero.cpp).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -10,6 +10,8 @@
 #include "model/cuda/gpu_decoder.h"
 #include "ops/cuda/check.cuh"
 #include "ops/cuda/grouped_matmul.h"
+#include "ops/cuda/moe_ep.h"
+#include "ops/cuda/moe_permute.h"
 #include "ops/cuda/swiglu.h"
 #include "parallel/process_group.h"
 #include "parallel/cuda/device_group.h"
@@ -32,24 +34,30 @@ void GpuDecoder::set_comm(const GpuComm& comm) {
             "backward; use selective (it keeps the experts' rows) or none");
   MOP_CHECK(!expert_parallel() || comm_.ep_host, "GpuDecoder: expert parallelism needs the host ep group");
   const size_t L = size_t(c_.layers);
-  ep_layers_.resize(L);
   lb_global_.assign(L, 0.0);
   lb_grad_factor_.assign(L, 1.f);
   counts_host_.assign(L, std::vector<int32_t>(size_t(c_.experts), 0));
+  lb_mean_host_.assign(size_t(c_.experts), 0.f);
+  acts_.reset();  // the activation layout depends on expert parallelism
+  acts_N_ = -1;
+}
+
+void GpuDecoder::global_lb_copy(int l) {
+  Acts& a = *acts_;
+  auto& y = a.layers[size_t(l)];
+  const int E = int(c_.experts);
+  // moe_lb_loss left the column means of the probabilities in a.dprobs.
+  MOP_CUDA_CHECK(cudaMemcpyAsync(lb_mean_host_.data(), a.dprobs, size_t(E) * 4, cudaMemcpyDeviceToHost, stream_));
+  MOP_CUDA_CHECK(
+      cudaMemcpyAsync(counts_host_[size_t(l)].data(), y.counts, size_t(E) * 4, cudaMemcpyDeviceToHost, stream_));
 }
 
 void GpuDecoder::global_lb_stats(int l) {
   Acts& a = *acts_;
   auto& y = a.layers[size_t(l)];
   const int N = a.N, E = int(c_.experts), K = int(c_.top_k);
-  cudaStream_t st = stream_;
-  // moe_lb_loss left the column means of the probabilities in a.dprobs.
-  std::vector<float> mean(static_cast<size_t>(E), 0.f);
+  const std::vector<float>& mean = lb_mean_host_;
   std::vector<int32_t>& cnt = counts_host_[size_t(l)];
-  MOP_CUDA_CHECK(cudaMemcpyAsync(mean.data(), a.dprobs, size_t(E) * 4, cudaMemcpyDeviceToHost, st));
-  MOP_CUDA_CHECK(cudaMemcpyAsync(cnt.data(), y.counts, size_t(E) * 4, cudaMemcpyDeviceToHost, st));
-  wait_comm();
-  MOP_CUDA_CHECK(cudaStreamSynchronize(st));
   std::vector<double> v(size_t(2 * E + 1), 0.0);  // (probability sums, counts, tokens)
   for (int e = 0; e < E; ++e) {
     v[size_t(e)] = N > 0 ? double(mean[size_t(e)]) * N : 0.0;
@@ -69,73 +77,111 @@ void GpuDecoder::global_lb_stats(int l) {
   lb_grad_factor_[size_t(l)] = Nt > 0 ? float((double(N) / Nt) * (double(N) / Nt)) : 0.f;
   // The global counts replace the local ones on the device (backward reads them); cnt lives on
   // until the next step, after this copy has run.
-  MOP_CUDA_CHECK(cudaMemcpyAsync(y.counts, cnt.data(), size_t(E) * 4, cudaMemcpyHostToDevice, st));
+  MOP_CUDA_CHECK(cudaMemcpyAsync(y.counts, cnt.data(), size_t(E) * 4, cudaMemcpyHostToDevice, stream_));
 }
+
+// Rows of the layer's owner side grow with the routing (the stream is past the layer's host sync
+// here, and no kernel still reads the old buffers: the last reader was this layer's backward of
+// the previous step, which ended in a host wait).
+static size_t grow(size_t n) { return n + n / 4 + 64; }
 
 void GpuDecoder::experts_forward_ep(int l) {
   Acts& a = *acts_;
   auto& y = a.layers[size_t(l)];
   const LayerView<bf16>& w = w_.layers[size_t(l)];
-  const int E = int(c_.experts), F = int(c_.expert_ffn), D = int(c_.hidden);
+  const int N = a.N, K = int(c_.top_k), F = int(c_.expert_ffn), D = int(c_.hidden);
   cudaStream_t st = stream_;
-  EpLayer& el = ep_layers_[size_t(l)];
-  wait_comm();
-  el.plan = plan_expert_exchange_gpu(*comm_.ep_host, y.offsets_host.data(), E, st);  // synchronises
-  const GpuExpertPlan& p = *el.plan;
-  const size_t R = size_t(p.plan.rows_in());
-  const int El = p.plan.local_experts;
-  // Received rows vary with the routing: grow-only buffers with some slack (the stream is idle
-  // here: the plan synchronised it).
-  auto grow = [](size_t r) { return r + r / 4 + 64; };
-  if (R > el.cap) {
-    el.cap = grow(R);
-    el.xl = Buffer(), el.gu = Buffer(), el.a = Buffer();
-    el.xl = Buffer(Device::cuda, Mem::activations, el.cap * size_t(D) * 2);
-    el.gu = Buffer(Device::cuda, Mem::activations, el.cap * size_t(2 * F) * 2);
-    el.a = Buffer(Device::cuda, Mem::activations, el.cap * size_t(F) * 2);
+  Acts::EpLayer& el = a.ep[size_t(l)];
+  GpuTokenExchange& x = el.x;
+  const int P = comm_.ep->size();
+  token_exchange_plan(x, *comm_.ep_host, y.offsets_host.data(), st);
+  const TokenExchangePlan& p = x.plan;
+  const size_t R = size_t(p.pairs_in()), Rt = size_t(p.tokens_in());
+  const int El = p.local_experts;
+  const bool keep_a = opt_.recompute == GpuRecompute::none;
+  if (R > el.r_cap) {
+    el.r_cap = grow(R);
+    el.xl = Buffer(), el.gu = Buffer(), el.a = Buffer(), el.yl = Buffer();
+    el.xl = Buffer(Device::cuda, Mem::activations, el.r_cap * size_t(D) * 2);
+    el.gu = Buffer(Device::cuda, Mem::activations, el.r_cap * size_t(2 * F) * 2);
+    if (keep_a) el.a = Buffer(Device::cuda, Mem::activations, el.r_cap * size_t(F) * 2);
+    el.yl = Buffer(Device::cuda, Mem::activations, el.r_cap * size_t(D) * 2);
   }
-  if (R > ep_cap_) {
-    ep_cap_ = grow(R);
-    ep_scratch_ = Buffer(), ep_tmp_ = Buffer(), ep_da_ = Buffer(), ep_dgu_ = Buffer();
-    ep_scratch_ = Buffer(Device::cuda, Mem::comm, ep_cap_ * size_t(D) * 2);
-    ep_tmp_ = Buffer(Device::cuda, Mem::workspace, ep_cap_ * size_t(D) * 2);
-    ep_da_ = Buffer(Device::cuda, Mem::workspace, ep_cap_ * size_t(F) * 2);
-    ep_dgu_ = Buffer(Device::cuda, Mem::workspace, ep_cap_ * size_t(2 * F) * 2);
+  if (R > a.ep_r_cap) {
+    a.ep_r_cap = grow(R);
+    a.ep_tmp = Buffer(), a.ep_a = Buffer(), a.ep_da = Buffer(), a.ep_dgu = Buffer();
+    a.ep_tmp = Buffer(Device::cuda, Mem::workspace, a.ep_r_cap * size_t(D) * 2);
+    if (!keep_a) a.ep_a = Buffer(Device::cuda, Mem::activations, a.ep_r_cap * size_t(F) * 2);
+    a.ep_da = Buffer(Device::cuda, Mem::workspace, a.ep_r_cap * size_t(F) * 2);
+    a.ep_dgu = Buffer(Device::cuda, Mem::workspace, a.ep_r_cap * size_t(2 * F) * 2);
   }
-  const int32_t* off_d = p.local_offsets.as<int32_t>();
-  const int32_t* off_h = p.plan.local_offsets.data();
-  comm_pending_ = expert_dispatch_gpu(*comm_.ep, p, y.xp, el.xl.as<bf16>(), ep_scratch_.as<bf16>(), D);
+  if (Rt > a.ep_rt_cap || !a.ep_recv.data()) {
+    a.ep_rt_cap = grow(Rt);
+    a.ep_recv = Buffer(), a.ep_dgate = Buffer();
+    a.ep_recv = Buffer(Device::cuda, Mem::comm, a.ep_rt_cap * size_t(D) * 2);
+    a.ep_dgate = Buffer(Device::cuda, Mem::comm, a.ep_rt_cap * size_t(K) * 4);
+  }
+  bf16* act = keep_a ? el.a.as<bf16>() : a.ep_a.as<bf16>();
+  bf16* recv = a.ep_recv.as<bf16>();
+  const int32_t* off_d = x.local_offsets();
+  const int32_t* off_h = p.local_offsets.data();
+  // Where each pair goes, then each token's row once to each rank owning one of its experts.
+  token_exchange_layout(x, *comm_.ep, y.idx, y.w, y.row, y.offsets, a.ep_send_pos, a.ep_send_gate);
+  cuda::moe_permute(a.ep_send, y.h2, x.slot.as<int32_t>(), N, P, D, st);
+  comm_pending_ = token_exchange_rows(*comm_.ep, p, a.ep_send, recv, D, DType::bf16, /*to_owners=*/true);
   if (R > 0) {
+    cuda::moe_permute(el.xl.as<bf16>(), recv, x.pos.as<int32_t>(), int(Rt), K, D, st);
     cuda::grouped_matmul_forward(el.gu.as<bf16>(), el.xl.as<bf16>(), w.w_gu, off_d, off_h, El, D, 2 * F, st);
-    cuda::swiglu_forward(el.a.as<bf16>(), el.gu.as<bf16>(), int(R), F, st);
-    cuda::grouped_matmul_forward(ep_tmp_.as<bf16>(), el.a.as<bf16>(), w.w_down, off_d, off_h, El, F, D, st);
+    cuda::swiglu_forward(act, el.gu.as<bf16>(), int(R), F, st);
+    cuda::grouped_matmul_forward(el.yl.as<bf16>(), act, w.w_down, off_d, off_h, El, F, D, st);
   }
-  comm_pending_ = expert_return_gpu(*comm_.ep, p, ep_tmp_.as<bf16>(), y.yp, ep_scratch_.as<bf16>(), D);
+  // Each received token's pairs as one gate-weighted row (recv is free again), back home, summed
+  // over the ranks into the layer's expert output.
+  if (Rt > 0) cuda::moe_combine(recv, el.yl.as<bf16>(), x.gate.as<float>(), x.pos.as<int32_t>(), int(Rt), K, D, st);
+  comm_pending_ = token_exchange_rows(*comm_.ep, p, recv, a.ep_send, D, DType::bf16, /*to_owners=*/false);
+  cuda::moe_permute_backward(a.dtmp, a.ep_send, x.slot.as<int32_t>(), N, P, D, st);
 }
 
 template <class G>
 void GpuDecoder::experts_backward_ep(int l, const LayerView<G>& g) {
   Acts& a = *acts_;
+  auto& y = a.layers[size_t(l)];
   const LayerView<bf16>& w = w_.layers[size_t(l)];
-  const int F = int(c_.expert_ffn), D = int(c_.hidden);
+  const int N = a.N, E = int(c_.experts), K = int(c_.top_k), F = int(c_.expert_ffn), D = int(c_.hidden);
   cudaStream_t st = stream_;
-  EpLayer& el = ep_layers_[size_t(l)];
-  MOP_CHECK(el.plan, "GpuDecoder: expert-parallel backward of layer {} without its forward", l);
-  const GpuExpertPlan& p = *el.plan;
-  const size_t R = size_t(p.plan.rows_in());
-  const int El = p.plan.local_experts;
-  const int32_t* off_d = p.local_offsets.as<int32_t>();
-  const int32_t* off_h = p.plan.local_offsets.data();
-  bf16* dyl = ep_tmp_.as<bf16>();  // then dxl: the first GEMM has read dyl by then
-  comm_pending_ = expert_dispatch_gpu(*comm_.ep, p, a.dyp, dyl, ep_scratch_.as<bf16>(), D);
+  Acts::EpLayer& el = a.ep[size_t(l)];
+  const GpuTokenExchange& x = el.x;
+  const TokenExchangePlan& p = x.plan;
+  MOP_CHECK(p.local_offsets.size() == size_t(p.local_experts) + 1 && x.N == N,
+            "GpuDecoder: expert-parallel backward of layer {} without its forward", l);
+  const int P = comm_.ep->size();
+  const size_t R = size_t(p.pairs_in()), Rt = size_t(p.tokens_in());
+  const int El = p.local_experts;
+  const bool keep_a = opt_.recompute == GpuRecompute::none;
+  bf16* act = keep_a ? el.a.as<bf16>() : a.ep_a.as<bf16>();
+  bf16* recv = a.ep_recv.as<bf16>();
+  bf16* dyl = a.ep_tmp.as<bf16>();  // then dxl: the first GEMM has read dyl by then
+  const int32_t* off_d = x.local_offsets();
+  const int32_t* off_h = p.local_offsets.data();
+  // d(expert output) once to each owner; there, each pair's gradient and its gate's.
+  cuda::moe_permute(a.ep_send, a.dx, x.slot.as<int32_t>(), N, P, D, st);
+  comm_pending_ = token_exchange_rows(*comm_.ep, p, a.ep_send, recv, D, DType::bf16, /*to_owners=*/true);
+  if (Rt > 0)
+    cuda::moe_combine_backward(dyl, a.ep_dgate.as<float>(), recv, el.yl.as<bf16>(), x.gate.as<float>(),
+                               x.pos.as<int32_t>(), int(Rt), K, D, st);
   if (R > 0) {
-    cuda::grouped_matmul_backward(ep_da_.as<bf16>(), g.w_down, dyl, el.a.as<bf16>(), w.w_down, off_d, off_h, El, F, D,
-                                  st);
-    cuda::swiglu_backward(ep_dgu_.as<bf16>(), ep_da_.as<bf16>(), el.gu.as<bf16>(), int(R), F, st);
-    cuda::grouped_matmul_backward(dyl, g.w_gu, ep_dgu_.as<bf16>(), el.xl.as<bf16>(), w.w_gu, off_d, off_h, El, D,
+    if (!keep_a) cuda::swiglu_forward(act, el.gu.as<bf16>(), int(R), F, st);
+    cuda::grouped_matmul_backward(a.ep_da.as<bf16>(), g.w_down, dyl, act, w.w_down, off_d, off_h, El, F, D, st);
+    cuda::swiglu_backward(a.ep_dgu.as<bf16>(), a.ep_da.as<bf16>(), el.gu.as<bf16>(), int(R), F, st);
+    cuda::grouped_matmul_backward(dyl, g.w_gu, a.ep_dgu.as<bf16>(), el.xl.as<bf16>(), w.w_gu, off_d, off_h, El, D,
                                   2 * F, st);
   }
-  comm_pending_ = expert_return_gpu(*comm_.ep, p, dyl, a.dxp, ep_scratch_.as<bf16>(), D);
+  // Each token's pair gradients summed (recv is free again), back home with the gate gradients.
+  if (Rt > 0) cuda::moe_permute_backward(recv, dyl, x.pos.as<int32_t>(), int(Rt), K, D, st);
+  token_exchange_rows(*comm_.ep, p, a.ep_dgate.data(), a.ep_send_gate, K, DType::f32, /*to_owners=*/false);
+  comm_pending_ = token_exchange_rows(*comm_.ep, p, recv, a.ep_send, D, DType::bf16, /*to_owners=*/false);
+  cuda::moe_permute_backward(a.dh, a.ep_send, x.slot.as<int32_t>(), N, P, D, st);
+  cuda::moe_ep_gate_grads(a.dw, a.ep_send_gate, x.slot.as<int32_t>(), y.idx, N, K, E, P, st);
 }
 
 template void GpuDecoder::experts_backward_ep(int, const LayerView<float>&);

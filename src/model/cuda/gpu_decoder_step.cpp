@@ -91,26 +91,26 @@ void GpuDecoder::layer_forward(int l, bool recompute) {
       // on the device after the route layout has used the local ones).
       const bool global_lb = comm_.world_host && comm_.world_host->size() > 1;
       cuda::moe_route_layout(y.row, y.offsets, y.idx, N, E, K, a.workspace.data(), a.workspace_bytes, st);
-      if (global_lb) global_lb_stats(l);
-      // The one host synchronisation of the layer: the grouped GEMM takes its sizes from the host.
+      if (global_lb) global_lb_copy(l);
+      if (expert_parallel()) token_exchange_count(a.ep[size_t(l)].x, y.idx, N, K, E, comm_.ep->size(), st);
+      // The one host synchronisation of the layer: the grouped GEMM takes its sizes from the host
+      // (and the statistics and the exchange's counts go to the other ranks from there).
       MOP_CUDA_CHECK(cudaMemcpyAsync(y.offsets_host.data(), y.offsets, size_t(E + 1) * 4, cudaMemcpyDeviceToHost, st));
       wait_comm();
       MOP_CUDA_CHECK(cudaStreamSynchronize(st));
+      if (global_lb) global_lb_stats(l);
     }
     if (expert_parallel()) {
-      // The local experts' rows, their SwiGLU and yp are kept per layer (set_comm refuses full
-      // recompute), so a rerun has nothing to redo here.
-      if (!recompute) {
-        cuda::moe_permute(y.xp, y.h2, y.row, N, K, D, st);
-        experts_forward_ep(l);
-      }
+      // The owner side keeps the layer's pairs, their SwiGLU input and output (set_comm refuses
+      // full recompute), so a rerun has nothing to redo here; the expert output lands in dtmp.
+      if (!recompute) experts_forward_ep(l);
     } else {
       cuda::moe_permute(y.xp, y.h2, y.row, N, K, D, st);
       if (heavy) cuda::grouped_matmul_forward(y.gu, y.xp, w.w_gu, y.offsets, y.offsets_host.data(), E, D, 2 * F, st);
       cuda::swiglu_forward(y.a, y.gu, M, F, st);
       if (heavy) cuda::grouped_matmul_forward(y.yp, y.a, w.w_down, y.offsets, y.offsets_host.data(), E, F, D, st);
+      if (!recompute) cuda::moe_combine(a.dtmp, y.yp, y.w, y.row, N, K, D, st);
     }
-    if (!recompute) cuda::moe_combine(a.dtmp, y.yp, y.w, y.row, N, K, D, st);
     if (c_.shared_experts > 0) {
       const int Fs = int(c_.shared_width());
       if (heavy) cuda::matmul_forward(y.sgu, y.h2, w.shared_gu, N, D, 2 * Fs, st);
@@ -183,17 +183,17 @@ void GpuDecoder::layer_backward(int l, const LayerView<G>& g, float lb_scale) {
     cuda::matmul_backward(a.dh, g.w_gu, a.dgu, y.h2, w.w_gu, N, D, 2 * Fd, st);
   } else {
     const cpu::RouterConfig rc = router_config(c_);
-    cuda::moe_combine_backward(a.dyp, a.dw, a.dx, y.yp, y.w, y.row, N, K, D, st);
     if (expert_parallel()) {
       experts_backward_ep(l, g);
     } else {
+      cuda::moe_combine_backward(a.dyp, a.dw, a.dx, y.yp, y.w, y.row, N, K, D, st);
       cuda::grouped_matmul_backward(a.da, g.w_down, a.dyp, y.a, w.w_down, y.offsets, y.offsets_host.data(), E, F, D,
                                     st);
       cuda::swiglu_backward(a.dgu, a.da, y.gu, M, F, st);
       cuda::grouped_matmul_backward(a.dxp, g.w_gu, a.dgu, y.xp, w.w_gu, y.offsets, y.offsets_host.data(), E, D, 2 * F,
                                     st);
+      cuda::moe_permute_backward(a.dh, a.dxp, y.row, N, K, D, st);
     }
-    cuda::moe_permute_backward(a.dh, a.dxp, y.row, N, K, D, st);
     MOP_CUDA_CHECK(cudaMemsetAsync(a.dprobs, 0, size_t(N) * E * 4, st));
     const float lb_factor = lb_grad_factor_.empty() ? 1.f : lb_grad_factor_[size_t(l)];
     if (lb_scale != 0.f && lb_factor != 0.f)

@@ -3,48 +3,90 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstring>
 
 #include "ops/cuda/check.cuh"
-#include "ops/cuda/moe_permute.h"
+#include "ops/cuda/moe_ep.h"
 
 namespace mop {
 
-std::shared_ptr<GpuExpertPlan> plan_expert_exchange_gpu(ProcessGroup& host_ep, const int32_t* offsets_E1, int E,
-                                                        cudaStream_t stream) {
-  auto p = std::make_shared<GpuExpertPlan>();
-  p->plan = plan_expert_exchange(host_ep, offsets_E1, E);
-  const size_t R = p->plan.order.size();
-  p->order = Buffer(Device::cuda, Mem::comm, std::max<size_t>(R, 1) * sizeof(int32_t));
-  if (R > 0)
-    MOP_CUDA_CHECK(cudaMemcpyAsync(p->order.data(), p->plan.order.data(), R * sizeof(int32_t),
-                                   cudaMemcpyHostToDevice, stream));
-  const size_t El1 = p->plan.local_offsets.size();
-  p->local_offsets = Buffer(Device::cuda, Mem::comm, El1 * sizeof(int32_t));
-  MOP_CUDA_CHECK(cudaMemcpyAsync(p->local_offsets.data(), p->plan.local_offsets.data(), El1 * sizeof(int32_t),
+PinnedInts::PinnedInts(size_t n) : n_(n) {
+  if (n > 0) MOP_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&p_), n * sizeof(int32_t)));
+}
+PinnedInts::~PinnedInts() {
+  if (p_) cudaFreeHost(p_);
+}
+PinnedInts& PinnedInts::operator=(PinnedInts&& o) noexcept {
+  if (this != &o) {
+    if (p_) cudaFreeHost(p_);
+    p_ = o.p_, n_ = o.n_;
+    o.p_ = nullptr, o.n_ = 0;
+  }
+  return *this;
+}
+
+void token_exchange_count(GpuTokenExchange& x, const int32_t* idx_NK, int N, int K, int E, int ep,
+                          cudaStream_t stream) {
+  if (x.tokens_host.size() != size_t(ep)) {
+    x.tokens_ep = Buffer(Device::cuda, Mem::comm, size_t(ep) * sizeof(int32_t));
+    x.tokens_host.assign(size_t(ep), 0);
+  }
+  x.N = N, x.K = K, x.E = E;
+  cuda::moe_ep_token_counts(x.tokens_ep.as<int32_t>(), idx_NK, N, K, E, ep, stream);
+  MOP_CUDA_CHECK(cudaMemcpyAsync(x.tokens_host.data(), x.tokens_ep.data(), size_t(ep) * sizeof(int32_t),
+                                 cudaMemcpyDeviceToHost, stream));
+}
+
+// Grow-only buffers with some slack: the received counts vary with the routing.
+static size_t grow(size_t n) { return n + n / 4 + 64; }
+
+void token_exchange_plan(GpuTokenExchange& x, ProcessGroup& host_ep, const int32_t* offsets_host, cudaStream_t stream) {
+  const int ep = host_ep.size();
+  MOP_CHECK(x.tokens_host.size() == size_t(ep), "token_exchange_plan without token_exchange_count");
+  x.plan = plan_token_exchange(host_ep, offsets_host, x.E, x.tokens_host.data());
+  const TokenExchangePlan& p = x.plan;
+  // The index upload. The previous upload of this layer finished long ago (each step ends in a
+  // host wait), so its pinned staging may be rewritten.
+  const size_t n_index = size_t(x.E) + p.local_offsets.size();
+  if (x.index_host.size() != n_index) {
+    x.index = Buffer(Device::cuda, Mem::comm, n_index * sizeof(int32_t));
+    x.index_host = PinnedInts(n_index);
+  }
+  std::memcpy(x.index_host.data(), p.dest_base.data(), p.dest_base.size() * sizeof(int32_t));
+  std::memcpy(x.index_host.data() + x.E, p.local_offsets.data(), p.local_offsets.size() * sizeof(int32_t));
+  MOP_CUDA_CHECK(cudaMemcpyAsync(x.index.data(), x.index_host.data(), n_index * sizeof(int32_t),
                                  cudaMemcpyHostToDevice, stream));
-  // The host vector may change or die before the copy runs otherwise (pageable memory copies
-  // are staged, but keep the rule simple).
-  MOP_CUDA_CHECK(cudaStreamSynchronize(stream));
-  return p;
+  // Buffers are replaced only between uses: the stream is past the layer's host sync, and the
+  // last reader of the old ones (this layer's previous backward) ended with the last step.
+  if (size_t(x.N) > x.n_cap) {
+    x.n_cap = size_t(x.N);
+    x.slot = Buffer(Device::cuda, Mem::comm, std::max<size_t>(x.n_cap * size_t(ep), 1) * sizeof(int32_t));
+  }
+  const size_t Rt = size_t(p.tokens_in());
+  if (Rt > x.rt_cap || !x.pos.data()) {
+    x.rt_cap = grow(Rt);
+    x.pos = Buffer(), x.gate = Buffer();
+    x.pos = Buffer(Device::cuda, Mem::comm, x.rt_cap * size_t(x.K) * sizeof(int32_t) + 16);
+    x.gate = Buffer(Device::cuda, Mem::comm, x.rt_cap * size_t(x.K) * sizeof(float) + 16);
+  }
 }
 
-std::unique_ptr<DeviceWork> expert_dispatch_gpu(DeviceGroup& ep, const GpuExpertPlan& p, const __nv_bfloat16* rows_MD,
-                         __nv_bfloat16* rows_RD, __nv_bfloat16* scratch_RD, int D) {
-  auto work = ep.all_to_all_v_async(rows_MD, row_elements(p.plan.send_rows, D), scratch_RD,
-                                    row_elements(p.plan.recv_rows, D), DType::bf16);  // stream-ordered; no host wait
-  const int R = int(p.plan.order.size());
-  if (R > 0)
-    cuda::moe_permute(rows_RD, scratch_RD, p.order.as<int32_t>(), R, 1, D, ep.stream());  // out[order[i]] = in[i]
-  return work;
+std::unique_ptr<DeviceWork> token_exchange_layout(GpuTokenExchange& x, DeviceGroup& ep, const int32_t* idx_NK,
+                                                  const float* w_NK, const int32_t* row_NK, const int32_t* offsets_E1,
+                                                  int32_t* send_pos_SK, float* send_gate_SK) {
+  const TokenExchangePlan& p = x.plan;
+  cuda::moe_ep_send_layout(x.slot.as<int32_t>(), send_pos_SK, send_gate_SK, idx_NK, w_NK, row_NK, offsets_E1,
+                           x.dest_base(), x.tokens_ep.as<int32_t>(), x.N, x.K, x.E, p.ep, ep.stream());
+  token_exchange_rows(ep, p, send_pos_SK, x.pos.data(), x.K, DType::i32, /*to_owners=*/true);
+  return token_exchange_rows(ep, p, send_gate_SK, x.gate.data(), x.K, DType::f32, /*to_owners=*/true);
 }
 
-std::unique_ptr<DeviceWork> expert_return_gpu(DeviceGroup& ep, const GpuExpertPlan& p, const __nv_bfloat16* rows_RD, __nv_bfloat16* rows_MD,
-                       __nv_bfloat16* scratch_RD, int D) {
-  const int R = int(p.plan.order.size());
-  if (R > 0)  // out[i] = in[order[i]]: back to source-major
-    cuda::moe_permute_backward(scratch_RD, rows_RD, p.order.as<int32_t>(), R, 1, D, ep.stream());
-  return ep.all_to_all_v_async(scratch_RD, row_elements(p.plan.recv_rows, D), rows_MD, row_elements(p.plan.send_rows, D),
-                               DType::bf16);
+std::unique_ptr<DeviceWork> token_exchange_rows(DeviceGroup& ep, const TokenExchangePlan& p, const void* in,
+                                                void* out, int width, DType t, bool to_owners) {
+  std::vector<size_t> send(to_owners ? p.send_tokens : p.recv_tokens), recv(to_owners ? p.recv_tokens : p.send_tokens);
+  for (size_t& v : send) v *= size_t(width);
+  for (size_t& v : recv) v *= size_t(width);
+  return ep.all_to_all_v_async(in, send, out, recv, t);
 }
 
 }  // namespace mop

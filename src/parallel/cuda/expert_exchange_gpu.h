@@ -1,41 +1,79 @@
-// Expert-parallel dispatch and return on the GPU: the CPU path's plan (parallel/expert_dispatch.h,
-// counts exchanged over the host group: the offsets are on the host already, one sync per MoE
-// layer), the token rows moved with one all-to-all-v of the device group each way, and the
-// regrouping between source-major (as received) and expert-major (as the grouped GEMM wants) done
-// by the permutation kernels with the plan's order.
+// Expert-parallel exchange on the GPU, each token sent once per rank (parallel/token_exchange.h):
 //
-// The device group's stream must be the compute stream the rows are produced and consumed on (the
-// exchange is on the critical path). The returned work is the exchange's: a caller that is about
-// to wait on the host for the stream waits on it first, so that a peer that died is a timeout
-// with the group's error, not a hang in cudaStreamSynchronize.
+//   forward   source: count its tokens per rank (device), then after the layer's one host sync the
+//             plan (one Gloo all-gather of counts), the send layout (ops/cuda/moe_ep.h), the token
+//             rows and their pair fields to the owners; owner: expand into expert-major pairs, run
+//             the experts, reduce each token's pairs to one gate-weighted row, send it back; source:
+//             sum the rows from each rank.
+//   backward  the mirror: d(output) once per rank to the owners; owner: per-pair gradients and
+//             gate gradients, the experts' backward, each token's pair gradients summed; back
+//             home, summed over the ranks; the gate gradients go back with them.
+//
+// The device group's stream is the compute stream the rows are produced and consumed on (the
+// exchange is on the critical path). Each exchange returns its work: a caller about to wait on the
+// host for the stream waits on it first, so a peer that died is a timeout naming the group, not a
+// hang in cudaStreamSynchronize.
 #pragma once
-#include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
+#include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "core/alloc.h"
 #include "parallel/cuda/device_group.h"
-#include "parallel/expert_dispatch.h"
+#include "parallel/token_exchange.h"
 
 namespace mop {
 
-struct GpuExpertPlan {
-  ExpertPlan plan;       // host
-  Buffer order;          // (R) int32 on the device: plan.order
-  Buffer local_offsets;  // (El + 1) int32 on the device: plan.local_offsets (the grouped GEMM's)
+// Page-locked host ints: an upload from them is asynchronous (pageable copies may synchronise).
+class PinnedInts {
+ public:
+  PinnedInts() = default;
+  explicit PinnedInts(size_t n);
+  ~PinnedInts();
+  PinnedInts(PinnedInts&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr, o.n_ = 0; }
+  PinnedInts& operator=(PinnedInts&& o) noexcept;
+  int32_t* data() const { return p_; }
+  size_t size() const { return n_; }
+
+ private:
+  int32_t* p_ = nullptr;
+  size_t n_ = 0;
 };
 
-// host_ep: the same ranks as the device group, on host memory. offsets_E1: host copy of this rank's
-// expert-sorted row offsets over all E experts.
-std::shared_ptr<GpuExpertPlan> plan_expert_exchange_gpu(ProcessGroup& host_ep, const int32_t* offsets_E1, int E,
-                                                        cudaStream_t stream);
-// rows_MD (this rank's routed rows, expert-sorted) -> rows_RD (local experts' rows, expert-major).
-// scratch_RD: R x D bf16 the exchange lands in.
-std::unique_ptr<DeviceWork> expert_dispatch_gpu(DeviceGroup& ep, const GpuExpertPlan& p, const __nv_bfloat16* rows_MD,
-                         __nv_bfloat16* rows_RD, __nv_bfloat16* scratch_RD, int D);
-// The reverse: rows_RD (expert-major) -> rows_MD, back where they came from. scratch_RD as above.
-std::unique_ptr<DeviceWork> expert_return_gpu(DeviceGroup& ep, const GpuExpertPlan& p, const __nv_bfloat16* rows_RD, __nv_bfloat16* rows_MD,
-                       __nv_bfloat16* scratch_RD, int D);
+// One MoE layer's exchange: what its forward decides and its backward reuses.
+struct GpuTokenExchange {
+  TokenExchangePlan plan;
+  int N = 0, K = 0, E = 0;
+  Buffer tokens_ep;                  // (ep) int32: tokens this rank sends to each rank
+  std::vector<int32_t> tokens_host;  // (ep) host copy
+  Buffer index;                      // int32: dest_base (E), then local_offsets (El + 1)
+  PinnedInts index_host;             // its host side (written before each upload)
+  Buffer slot;                       // (N, ep) int32: each token's send row per rank, or -1
+  Buffer pos, gate;                  // (Rt, K) int32, f32 received: each pair's expert-major row (or -1), gate
+  size_t n_cap = 0, rt_cap = 0;      // tokens slot holds; received tokens pos and gate hold
+  const int32_t* dest_base() const { return index.as<int32_t>(); }
+  const int32_t* local_offsets() const { return index.as<int32_t>() + E; }
+};
+
+// Before the layer's host sync: counts this rank's tokens per rank (idx: (N, K) global expert ids
+// of E) and queues their copy to x.tokens_host.
+void token_exchange_count(GpuTokenExchange& x, const int32_t* idx_NK, int N, int K, int E, int ep,
+                          cudaStream_t stream);
+// After it (x.tokens_host and offsets_host valid): the plan (collective over host_ep), its index
+// upload, and x's buffers sized for it.
+void token_exchange_plan(GpuTokenExchange& x, ProcessGroup& host_ep, const int32_t* offsets_host, cudaStream_t stream);
+// The send layout (x.slot) and, through the exchange, each received token's pair fields (x.pos,
+// x.gate). Routing on the device: idx, w, row (N, K), offsets (E + 1). send_pos, send_gate: (S, K)
+// scratch, read by the exchange.
+std::unique_ptr<DeviceWork> token_exchange_layout(GpuTokenExchange& x, DeviceGroup& ep, const int32_t* idx_NK,
+                                                  const float* w_NK, const int32_t* row_NK, const int32_t* offsets_E1,
+                                                  int32_t* send_pos_SK, float* send_gate_SK);
+
+// Rows of `width` elements: to_owners moves S rows (send_tokens per rank) into Rt rows (recv_tokens
+// per rank); !to_owners the reverse. Stream-ordered on ep's stream; no host wait.
+std::unique_ptr<DeviceWork> token_exchange_rows(DeviceGroup& ep, const TokenExchangePlan& p, const void* in,
+                                                void* out, int width, DType t, bool to_owners);
 
 }  // namespace mop

@@ -1,0 +1,35 @@
+// The token-once expert-parallel exchange's index kernels (parallel/token_exchange.h): which rows a
+// rank sends and where each (token, expert) pair lands on its expert's owner. The rows themselves
+// move with moe_permute.h's kernels, whose row maps may hold -1 (skipped):
+//   send rows      moe_permute(xs_SD, x_ND, slot_Nep, N, ep, D)          (scatter, one copy per rank)
+//   owner's pairs  moe_permute(xl_RD, xr_RtD, pos_RtK, Rt, K, D)
+//   partial sums   moe_combine(pr_RtD, yl_RD, gate_RtK, pos_RtK, Rt, K, D) (gate-weighted, per token)
+//   back home      moe_permute_backward(y_ND, ys_SD, slot_Nep, N, ep, D) (sum over the ranks)
+// Experts are split evenly: global expert e is owned by rank e / (E / ep); ids outside [0, E) are
+// no pair.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace mop::cuda {
+
+// tokens_ep[r] = how many of the N tokens have at least one expert on rank r. No host sync.
+void moe_ep_token_counts(int32_t* tokens_ep, const int32_t* idx_NK, int N, int K, int E, int ep, cudaStream_t stream);
+
+// The send layout, given tokens_ep (device, from moe_ep_token_counts) and dest_base_E (device,
+// TokenExchangePlan::dest_base). Rank r's rows are [sum of tokens_ep[< r], + tokens_ep[r]), tokens
+// in ascending order. slot_Nep[n, r]: token n's row for rank r, or -1. For sent row s of token n
+// and each k: pos_SK[s, k] = dest_base_E[e] + row_NK[n, k] - offsets_E1[e] when e = idx[n, k] is on
+// the row's rank (the pair's row among the owner's expert-major rows), else -1; gate_SK[s, k] =
+// w_NK[n, k], or 0.
+void moe_ep_send_layout(int32_t* slot_Nep, int32_t* pos_SK, float* gate_SK, const int32_t* idx_NK, const float* w_NK,
+                        const int32_t* row_NK, const int32_t* offsets_E1, const int32_t* dest_base_E,
+                        const int32_t* tokens_ep, int N, int K, int E, int ep, cudaStream_t stream);
+
+// Gate gradients back to their pairs: dw_NK[n, k] = dgate_SK[slot[n, owner(idx[n, k])], k]
+// (0 for an id outside [0, E)).
+void moe_ep_gate_grads(float* dw_NK, const float* dgate_SK, const int32_t* slot_Nep, const int32_t* idx_NK, int N,
+                       int K, int E, int ep, cudaStream_t stream);
+
+}  // namespace mop::cuda
