@@ -153,6 +153,31 @@ TEST(NcclGroup, AllGatherReduceScatterBroadcast) {
   });
 }
 
+// GPU ZeRO's pattern: a unit's rank-r chunk sits at r * chunk of its padded whole, so the
+// reduce-scatter and the all-gather run in place (bf16, as the gradients and weights are).
+TEST(NcclGroup, InPlaceChunksOfOneBuffer) {
+  REQUIRE_GPUS(2);
+  run_two([](NcclGroup& g) {
+    const int r = g.rank();
+    const size_t chunk = 1031;
+    std::vector<uint16_t> h(2 * chunk);
+    for (size_t i = 0; i < h.size(); ++i) h[i] = f32_to_bf16(float(int(i % 97) + r));
+    DevBuf<uint16_t> buf(2 * chunk);
+    buf.put(h);
+    g.reduce_scatter_sum(buf.p, buf.p + r * chunk, chunk, DType::bf16);
+    auto o = buf.get();
+    for (size_t i = 0; i < chunk; ++i)
+      ASSERT_EQ(bf16_to_f32(o[r * chunk + i]), float(2 * int((r * chunk + i) % 97) + 1)) << "element " << i;
+    for (size_t i = 0; i < chunk; ++i) h[r * chunk + i] = f32_to_bf16(float(r * 100 + int(i % 89)));
+    buf.put(h);
+    g.all_gather(buf.p + r * chunk, chunk, buf.p, DType::bf16);
+    o = buf.get();
+    for (int s = 0; s < 2; ++s)
+      for (size_t i = 0; i < chunk; ++i)
+        ASSERT_EQ(bf16_to_f32(o[s * chunk + i]), float(s * 100 + int(i % 89))) << "rank " << s << " element " << i;
+  });
+}
+
 // Element j of the row rank s sends to rank p.
 int64_t a2a_value(int s, int p, size_t j) { return s * 1'000'000 + p * 100'000 + int64_t(j); }
 
