@@ -98,17 +98,21 @@ struct GpuDecoder::Acts {
   // Expert parallelism (gpu_decoder_comm.cpp): the MoE layers keep no (M, .) expert-sorted rows on
   // the source rank; each layer's owner side keeps its pairs instead. R pairs and Rt received tokens
   // vary with the routing: grow-only buffers, replaced only while the stream is past a host sync.
+  // Kept per layer as the other MoE rows are (GpuRecompute): without recompute the pairs' rows xl
+  // and SwiGLU outputs a; with selective recompute the received token rows xr instead (Rt < R: a
+  // token brings all its pairs on this rank), expanded again into the shared xl in backward.
   struct EpLayer {
     GpuTokenExchange x;
-    Buffer xl, gu, a, yl;  // (R, D), (R, 2F), (R, F) (without recompute), (R, D): expert-major pairs
-    size_t r_cap = 0;
+    Buffer xr, xl, gu, a, yl;  // (Rt, D), (R, D), (R, 2F), (R, F), (R, D); xl, gu, yl expert-major pairs
+    size_t r_cap = 0, rt_cap = 0;
   };
   std::vector<EpLayer> ep;                 // (L)
   __nv_bfloat16* ep_send = nullptr;        // (S, D), S <= N min(ep, K): token rows to / from the owners
   int32_t* ep_send_pos = nullptr;          // (S, K) the sent tokens' pair fields
   float* ep_send_gate = nullptr;           // (S, K) their gates; in backward, their gate gradients
   Buffer ep_recv, ep_dgate;                // (Rt, D), (Rt, K): received rows, owner-side gate gradients
-  Buffer ep_tmp, ep_a, ep_da, ep_dgu;      // (R, D), (R, F), (R, F), (R, 2F), shared by the layers
+  Buffer ep_xl, ep_a;                      // (R, D), (R, F): the recomputed pairs' rows and SwiGLU outputs
+  Buffer ep_tmp, ep_da, ep_dgu;            // (R, D), (R, F), (R, 2F), shared by the layers
   size_t ep_rt_cap = 0, ep_r_cap = 0;
 };
 

@@ -83,7 +83,7 @@ void GpuDecoder::global_lb_stats(int l) {
 // Rows of the layer's owner side grow with the routing (the stream is past the layer's host sync
 // here, and no kernel still reads the old buffers: the last reader was this layer's backward of
 // the previous step, which ended in a host wait).
-static size_t grow(size_t n) { return n + n / 4 + 64; }
+static size_t grow(size_t n) { return n + n / 8 + 64; }
 
 void GpuDecoder::experts_forward_ep(int l) {
   Acts& a = *acts_;
@@ -98,40 +98,47 @@ void GpuDecoder::experts_forward_ep(int l) {
   const TokenExchangePlan& p = x.plan;
   const size_t R = size_t(p.pairs_in()), Rt = size_t(p.tokens_in());
   const int El = p.local_experts;
-  const bool keep_a = opt_.recompute == GpuRecompute::none;
+  const bool keep = opt_.recompute == GpuRecompute::none;  // else selective (full is refused)
+  auto bf16_rows = [](size_t rows, int width, Mem m) { return Buffer(Device::cuda, m, rows * size_t(width) * 2); };
   if (R > el.r_cap) {
     el.r_cap = grow(R);
     el.xl = Buffer(), el.gu = Buffer(), el.a = Buffer(), el.yl = Buffer();
-    el.xl = Buffer(Device::cuda, Mem::activations, el.r_cap * size_t(D) * 2);
-    el.gu = Buffer(Device::cuda, Mem::activations, el.r_cap * size_t(2 * F) * 2);
-    if (keep_a) el.a = Buffer(Device::cuda, Mem::activations, el.r_cap * size_t(F) * 2);
-    el.yl = Buffer(Device::cuda, Mem::activations, el.r_cap * size_t(D) * 2);
+    if (keep) el.xl = bf16_rows(el.r_cap, D, Mem::activations), el.a = bf16_rows(el.r_cap, F, Mem::activations);
+    el.gu = bf16_rows(el.r_cap, 2 * F, Mem::activations);
+    el.yl = bf16_rows(el.r_cap, D, Mem::activations);
+  }
+  if (!keep && (Rt > el.rt_cap || !el.xr.data())) {
+    el.rt_cap = grow(Rt);
+    el.xr = Buffer();
+    el.xr = bf16_rows(el.rt_cap, D, Mem::activations);
   }
   if (R > a.ep_r_cap) {
     a.ep_r_cap = grow(R);
-    a.ep_tmp = Buffer(), a.ep_a = Buffer(), a.ep_da = Buffer(), a.ep_dgu = Buffer();
-    a.ep_tmp = Buffer(Device::cuda, Mem::workspace, a.ep_r_cap * size_t(D) * 2);
-    if (!keep_a) a.ep_a = Buffer(Device::cuda, Mem::activations, a.ep_r_cap * size_t(F) * 2);
-    a.ep_da = Buffer(Device::cuda, Mem::workspace, a.ep_r_cap * size_t(F) * 2);
-    a.ep_dgu = Buffer(Device::cuda, Mem::workspace, a.ep_r_cap * size_t(2 * F) * 2);
+    a.ep_xl = Buffer(), a.ep_a = Buffer(), a.ep_tmp = Buffer(), a.ep_da = Buffer(), a.ep_dgu = Buffer();
+    if (!keep) a.ep_xl = bf16_rows(a.ep_r_cap, D, Mem::activations), a.ep_a = bf16_rows(a.ep_r_cap, F, Mem::activations);
+    a.ep_tmp = bf16_rows(a.ep_r_cap, D, Mem::workspace);
+    a.ep_da = bf16_rows(a.ep_r_cap, F, Mem::workspace);
+    a.ep_dgu = bf16_rows(a.ep_r_cap, 2 * F, Mem::workspace);
   }
   if (Rt > a.ep_rt_cap || !a.ep_recv.data()) {
     a.ep_rt_cap = grow(Rt);
     a.ep_recv = Buffer(), a.ep_dgate = Buffer();
-    a.ep_recv = Buffer(Device::cuda, Mem::comm, a.ep_rt_cap * size_t(D) * 2);
+    a.ep_recv = bf16_rows(a.ep_rt_cap, D, Mem::comm);
     a.ep_dgate = Buffer(Device::cuda, Mem::comm, a.ep_rt_cap * size_t(K) * 4);
   }
-  bf16* act = keep_a ? el.a.as<bf16>() : a.ep_a.as<bf16>();
+  bf16* xl = keep ? el.xl.as<bf16>() : a.ep_xl.as<bf16>();
+  bf16* act = keep ? el.a.as<bf16>() : a.ep_a.as<bf16>();
+  bf16* xr = keep ? a.ep_recv.as<bf16>() : el.xr.as<bf16>();
   bf16* recv = a.ep_recv.as<bf16>();
   const int32_t* off_d = x.local_offsets();
   const int32_t* off_h = p.local_offsets.data();
   // Where each pair goes, then each token's row once to each rank owning one of its experts.
   token_exchange_layout(x, *comm_.ep, y.idx, y.w, y.row, y.offsets, a.ep_send_pos, a.ep_send_gate);
   cuda::moe_permute(a.ep_send, y.h2, x.slot.as<int32_t>(), N, P, D, st);
-  comm_pending_ = token_exchange_rows(*comm_.ep, p, a.ep_send, recv, D, DType::bf16, /*to_owners=*/true);
+  comm_pending_ = token_exchange_rows(*comm_.ep, p, a.ep_send, xr, D, DType::bf16, /*to_owners=*/true);
   if (R > 0) {
-    cuda::moe_permute(el.xl.as<bf16>(), recv, x.pos.as<int32_t>(), int(Rt), K, D, st);
-    cuda::grouped_matmul_forward(el.gu.as<bf16>(), el.xl.as<bf16>(), w.w_gu, off_d, off_h, El, D, 2 * F, st);
+    cuda::moe_permute(xl, xr, x.pos.as<int32_t>(), int(Rt), K, D, st);
+    cuda::grouped_matmul_forward(el.gu.as<bf16>(), xl, w.w_gu, off_d, off_h, El, D, 2 * F, st);
     cuda::swiglu_forward(act, el.gu.as<bf16>(), int(R), F, st);
     cuda::grouped_matmul_forward(el.yl.as<bf16>(), act, w.w_down, off_d, off_h, El, F, D, st);
   }
@@ -157,8 +164,9 @@ void GpuDecoder::experts_backward_ep(int l, const LayerView<G>& g) {
   const int P = comm_.ep->size();
   const size_t R = size_t(p.pairs_in()), Rt = size_t(p.tokens_in());
   const int El = p.local_experts;
-  const bool keep_a = opt_.recompute == GpuRecompute::none;
-  bf16* act = keep_a ? el.a.as<bf16>() : a.ep_a.as<bf16>();
+  const bool keep = opt_.recompute == GpuRecompute::none;
+  bf16* xl = keep ? el.xl.as<bf16>() : a.ep_xl.as<bf16>();
+  bf16* act = keep ? el.a.as<bf16>() : a.ep_a.as<bf16>();
   bf16* recv = a.ep_recv.as<bf16>();
   bf16* dyl = a.ep_tmp.as<bf16>();  // then dxl: the first GEMM has read dyl by then
   const int32_t* off_d = x.local_offsets();
@@ -170,10 +178,13 @@ void GpuDecoder::experts_backward_ep(int l, const LayerView<G>& g) {
     cuda::moe_combine_backward(dyl, a.ep_dgate.as<float>(), recv, el.yl.as<bf16>(), x.gate.as<float>(),
                                x.pos.as<int32_t>(), int(Rt), K, D, st);
   if (R > 0) {
-    if (!keep_a) cuda::swiglu_forward(act, el.gu.as<bf16>(), int(R), F, st);
+    if (!keep) {  // the forward's bits again: the same expansion and SwiGLU
+      cuda::moe_permute(xl, el.xr.as<bf16>(), x.pos.as<int32_t>(), int(Rt), K, D, st);
+      cuda::swiglu_forward(act, el.gu.as<bf16>(), int(R), F, st);
+    }
     cuda::grouped_matmul_backward(a.ep_da.as<bf16>(), g.w_down, dyl, act, w.w_down, off_d, off_h, El, F, D, st);
     cuda::swiglu_backward(a.ep_dgu.as<bf16>(), a.ep_da.as<bf16>(), el.gu.as<bf16>(), int(R), F, st);
-    cuda::grouped_matmul_backward(dyl, g.w_gu, a.ep_dgu.as<bf16>(), el.xl.as<bf16>(), w.w_gu, off_d, off_h, El, D,
+    cuda::grouped_matmul_backward(dyl, g.w_gu, a.ep_dgu.as<bf16>(), xl, w.w_gu, off_d, off_h, El, D,
                                   2 * F, st);
   }
   // Each token's pair gradients summed (recv is free again), back home with the gate gradients.
