@@ -283,6 +283,7 @@ void run_case(int P, int E, int K, int D, const std::vector<int>& Ns) {
 }
 
 TEST(MoeEp, TokenOnceExchangeMatchesDefinition) {
+  MOP_REQUIRE_GPU();
   run_case(2, 8, 3, 40, {37, 29});          // scalar rows (D % 8 != 0)
   run_case(3, 12, 4, 64, {53, 0, 41});      // vector rows; a rank routing nothing
   run_case(4, 16, 8, 24, {19, 33, 7, 26});  // top-k larger than the group
