@@ -33,8 +33,7 @@ struct ExpertPlan {
 // Collective over ep (one all-to-all of per-expert counts).
 ExpertPlan plan_expert_exchange(ProcessGroup& ep, const int32_t* offsets_E1, int E);
 // The plan from counts already exchanged: send_cnt (E) rows this rank routed to each global
-// expert; recv_cnt (ep, E / ep) rows each source routed to each local expert. Pure (the GPU path
-// exchanges the counts on the device).
+// expert; recv_cnt (ep, E / ep) rows each source routed to each local expert. Pure.
 ExpertPlan make_expert_plan(int ep, int E, const int64_t* send_cnt, const int64_t* recv_cnt);
 
 // Row counts (per rank) as element counts of rows of D values, for all_to_all_v.

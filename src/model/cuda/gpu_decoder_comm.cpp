@@ -83,7 +83,6 @@ void GpuDecoder::global_lb_stats(int l) {
 // Rows of the layer's owner side grow with the routing (the stream is past the layer's host sync
 // here, and no kernel still reads the old buffers: the last reader was this layer's backward of
 // the previous step, which ended in a host wait).
-static size_t grow(size_t n) { return n + n / 8 + 64; }
 
 void GpuDecoder::experts_forward_ep(int l) {
   Acts& a = *acts_;
@@ -101,19 +100,19 @@ void GpuDecoder::experts_forward_ep(int l) {
   const bool keep = opt_.recompute == GpuRecompute::none;  // else selective (full is refused)
   auto bf16_rows = [](size_t rows, int width, Mem m) { return Buffer(Device::cuda, m, rows * size_t(width) * 2); };
   if (R > el.r_cap) {
-    el.r_cap = grow(R);
+    el.r_cap = grow_rows(R);
     el.xl = Buffer(), el.gu = Buffer(), el.a = Buffer(), el.yl = Buffer();
     if (keep) el.xl = bf16_rows(el.r_cap, D, Mem::activations), el.a = bf16_rows(el.r_cap, F, Mem::activations);
     el.gu = bf16_rows(el.r_cap, 2 * F, Mem::activations);
     el.yl = bf16_rows(el.r_cap, D, Mem::activations);
   }
   if (!keep && (Rt > el.rt_cap || !el.xr.data())) {
-    el.rt_cap = grow(Rt);
+    el.rt_cap = grow_rows(Rt);
     el.xr = Buffer();
     el.xr = bf16_rows(el.rt_cap, D, Mem::activations);
   }
   if (R > a.ep_r_cap) {
-    a.ep_r_cap = grow(R);
+    a.ep_r_cap = grow_rows(R);
     a.ep_xl = Buffer(), a.ep_a = Buffer(), a.ep_tmp = Buffer(), a.ep_da = Buffer(), a.ep_dgu = Buffer();
     if (!keep) a.ep_xl = bf16_rows(a.ep_r_cap, D, Mem::activations), a.ep_a = bf16_rows(a.ep_r_cap, F, Mem::activations);
     a.ep_tmp = bf16_rows(a.ep_r_cap, D, Mem::workspace);
@@ -121,7 +120,7 @@ void GpuDecoder::experts_forward_ep(int l) {
     a.ep_dgu = bf16_rows(a.ep_r_cap, 2 * F, Mem::workspace);
   }
   if (Rt > a.ep_rt_cap || !a.ep_recv.data()) {
-    a.ep_rt_cap = grow(Rt);
+    a.ep_rt_cap = grow_rows(Rt);
     a.ep_recv = Buffer(), a.ep_dgate = Buffer();
     a.ep_recv = bf16_rows(a.ep_rt_cap, D, Mem::comm);
     a.ep_dgate = Buffer(Device::cuda, Mem::comm, a.ep_rt_cap * size_t(K) * 4);

@@ -37,9 +37,6 @@ void token_exchange_count(GpuTokenExchange& x, const int32_t* idx_NK, int N, int
                                  cudaMemcpyDeviceToHost, stream));
 }
 
-// Grow-only buffers with some slack: the received counts vary with the routing.
-static size_t grow(size_t n) { return n + n / 4 + 64; }
-
 void token_exchange_plan(GpuTokenExchange& x, ProcessGroup& host_ep, const int32_t* offsets_host, cudaStream_t stream) {
   const int ep = host_ep.size();
   MOP_CHECK(x.tokens_host.size() == size_t(ep), "token_exchange_plan without token_exchange_count");
@@ -64,7 +61,7 @@ void token_exchange_plan(GpuTokenExchange& x, ProcessGroup& host_ep, const int32
   }
   const size_t Rt = size_t(p.tokens_in());
   if (Rt > x.rt_cap || !x.pos.data()) {
-    x.rt_cap = grow(Rt);
+    x.rt_cap = grow_rows(Rt);
     x.pos = Buffer(), x.gate = Buffer();
     x.pos = Buffer(Device::cuda, Mem::comm, x.rt_cap * size_t(x.K) * sizeof(int32_t) + 16);
     x.gate = Buffer(Device::cuda, Mem::comm, x.rt_cap * size_t(x.K) * sizeof(float) + 16);

@@ -71,6 +71,10 @@ std::unique_ptr<DeviceWork> token_exchange_layout(GpuTokenExchange& x, DeviceGro
                                                   const float* w_NK, const int32_t* row_NK, const int32_t* offsets_E1,
                                                   int32_t* send_pos_SK, float* send_gate_SK);
 
+// Capacity for n rows of a buffer whose row count varies with the routing: grown only past it,
+// with 1/8 slack, so a reallocation (which waits for the device) is rare.
+inline size_t grow_rows(size_t n) { return n + n / 8 + 64; }
+
 // Rows of `width` elements: to_owners moves S rows (send_tokens per rank) into Rt rows (recv_tokens
 // per rank); !to_owners the reverse. Stream-ordered on ep's stream; no host wait.
 std::unique_ptr<DeviceWork> token_exchange_rows(DeviceGroup& ep, const TokenExchangePlan& p, const void* in,
