@@ -166,13 +166,53 @@ static __global__ void __launch_bounds__(kThreads) adamw_split_kernel(const __gr
   }
 }
 
+// The squares of one 16-byte vector of gradients (8 bf16 or 4 fp32), exact in fp64, in order.
+template <class G> static __device__ __forceinline__ double sum_sq16(const uint4& u) {
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+  double s = 0;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    if constexpr (sizeof(G) == 4) {
+      const double x = __uint_as_float(w[k]);
+      s += x * x;
+    } else {  // a bf16 is the high half of its fp32
+      const double lo = __uint_as_float(w[k] << 16), hi = __uint_as_float(w[k] & 0xffff0000u);
+      s += lo * lo;
+      s += hi * hi;
+    }
+  }
+  return s;
+}
+
 // Grid-stride fp64 partial per block (fixed grid for a given n), tree-reduced in shared memory.
+// The body moves 16 bytes a load, four loads in flight per thread: one scalar load at a time left
+// the bf16 gradients of moe-7b at 1.2 TB/s (9 ms a step). The elements before g's first 16-byte
+// boundary and after the last whole vector are one per thread.
 template <class G>
 static __global__ void __launch_bounds__(kSumThreads) sum_squares_partial_kernel(double* part_B, const G* g, size_t n) {
+  constexpr size_t V = 16 / sizeof(G);
   __shared__ double sh[kSumThreads];
+  const size_t tid = size_t(blockIdx.x) * kSumThreads + threadIdx.x, stride = size_t(gridDim.x) * kSumThreads;
+  const size_t to16 = (16 - reinterpret_cast<uintptr_t>(g) % 16) % 16 / sizeof(G);
+  const size_t head = to16 < n ? to16 : n;
+  const size_t nv = (n - head) / V, tail = head + nv * V;  // head + nv * V + (< V) == n
+  const uint4* gv = reinterpret_cast<const uint4*>(g + head);
   double s = 0;
-  for (size_t i = size_t(blockIdx.x) * kSumThreads + threadIdx.x; i < n; i += size_t(gridDim.x) * kSumThreads) {
-    const double x = load1(g + i);
+  if (tid < head) {
+    const double x = load1(g + tid);
+    s += x * x;
+  }
+  size_t i = tid;
+  for (; i + 3 * stride < nv; i += 4 * stride) {
+    const uint4 a = gv[i], b = gv[i + stride], c = gv[i + 2 * stride], d = gv[i + 3 * stride];
+    s += sum_sq16<G>(a);
+    s += sum_sq16<G>(b);
+    s += sum_sq16<G>(c);
+    s += sum_sq16<G>(d);
+  }
+  for (; i < nv; i += stride) s += sum_sq16<G>(gv[i]);
+  if (tail + tid < n) {
+    const double x = load1(g + tail + tid);
     s += x * x;
   }
   sh[threadIdx.x] = s;

@@ -53,8 +53,8 @@ struct AdamWSplitTensor {
 void adamw_step_split_multi(const AdamWSplitTensor* tensors_host, int count, bool grads_bf16, const AdamWArgs& a,
                             cudaStream_t stream);
 
-// out_1[0] (device) = sum of g[i]^2 in fp64. Deterministic: a grid that depends on n only, fp64
-// per-block partials in scratch, then one block adds them in a fixed order. scratch must hold
+// out_1[0] (device) = sum of g[i]^2 in fp64. Deterministic: a grid and an order that depend only on
+// n and g's alignment, fp64 per-block partials in scratch, then one block adds them in a fixed order. scratch must hold
 // sum_squares_scratch_floats(n) floats and be 8-byte aligned.
 size_t sum_squares_scratch_floats(size_t n);
 void sum_squares(double* out_1, const float* g, size_t n, float* scratch, cudaStream_t stream);
