@@ -73,7 +73,8 @@ int eval(const EvalArgs& a) {
 
 int bench(const BenchArgs& a) {
   MOP_CHECK(a.steps > a.warmup && a.warmup >= 0, "--steps ({}) must exceed --warmup ({})", a.steps, a.warmup);
-  std::vector<std::string> sets = a.sets;
+  std::vector<std::string> sets = {"train.timing=true"};  // the user's --set may turn it off
+  sets.insert(sets.end(), a.sets.begin(), a.sets.end());
   for (const char* s : {"data.synthetic=true", "train.eval_every=0", "train.sample_tokens=0"}) sets.emplace_back(s);
   sets.push_back(fmt::format("train.steps={}", a.steps));
   Config cfg = load_config(a.config, parse_overrides(sets));
@@ -108,6 +109,22 @@ int bench(const BenchArgs& a) {
   for (int i = 0; i < kMemCategories; ++i)
     if (mt.peak(Mem(i))) cats[mem_name(Mem(i))] = double(mt.peak(Mem(i))) / double(1ull << 30);
   j["peak_gib_by_category"] = cats;
+  // Each phase's median over the timed steps (train.timing; model/cuda/phase_timer.h).
+  if (r.phase_ms.size() == r.step_seconds.size() && !r.phase_ms.empty()) {
+    std::vector<std::pair<std::string, std::vector<double>>> ph;
+    for (size_t s = size_t(a.warmup); s < r.phase_ms.size(); ++s)
+      for (const auto& [name, ms] : r.phase_ms[s]) {
+        auto it = std::find_if(ph.begin(), ph.end(), [&](const auto& p) { return p.first == name; });
+        if (it == ph.end()) it = ph.insert(ph.end(), {name, {}});
+        it->second.push_back(ms);
+      }
+    nlohmann::json pj = nlohmann::json::object();
+    for (auto& [name, v] : ph) {
+      std::sort(v.begin(), v.end());
+      pj[name] = v[v.size() / 2];
+    }
+    j["phase_ms_median"] = pj;
+  }
   j["loss_first"] = r.losses.front();
   j["loss_last"] = r.losses.back();
   fmt::print("{}\n", j.dump());

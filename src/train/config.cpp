@@ -132,6 +132,9 @@ const std::vector<Field>& fields() {
       F("train.sample_tokens", train.sample_tokens, "bytes generated at the end of the run; 0 = off"),
       F("train.sample_temperature", train.sample_temperature, "sampling temperature; 0 = greedy"),
       F("train.peak_tflops", train.peak_tflops, "MFU denominator in TFLOP/s; 0 = 790 on an H200, an estimate on the CPU"),
+      F("train.timing", train.timing,
+        "GPU: time each step's phases with CUDA events (forward, head, backward, exchange, update, ...) into "
+        "metrics.jsonl's phase_ms and the progress line"),
       F("train.deterministic", train.deterministic,
         "GPU: bit-identical runs from one seed (deterministic attention backward, ~15% slower)"),
       F("train.threads", train.threads, "CPU threads; 0 = all cores up to 8"),

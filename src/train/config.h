@@ -36,6 +36,7 @@ struct TrainConfig {
   int64_t sample_tokens = 200;     // bytes generated at the end to show what the model learned; 0 = off
   double sample_temperature = 0.7;
   double peak_tflops = 0;          // MFU denominator; 0 = 790 on an H200, an estimate on the CPU
+  bool timing = false;             // GPU: time the step's phases (CUDA events); metrics.jsonl's phase_ms
   bool deterministic = false;      // GPU: bit-identical runs (cuDNN's deterministic attention backward, ~15% slower)
   int64_t threads = 0;             // CPU threads; 0 = all cores up to 8
 };

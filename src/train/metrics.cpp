@@ -33,6 +33,11 @@ void MetricsLog::write(const StepMetrics& m) {
   j["tokens"] = m.tokens;
   j["elapsed_s"] = m.elapsed_s;
   if (m.eval_loss) j["eval_loss"] = *m.eval_loss;
+  if (!m.phase_ms.empty()) {
+    nlohmann::json ph = nlohmann::json::object();
+    for (const auto& [name, ms] : m.phase_ms) ph[name] = ms;
+    j["phase_ms"] = ph;
+  }
   std::string line = j.dump() + "\n";
   std::fwrite(line.data(), 1, line.size(), f_);
   std::fflush(f_);
@@ -44,6 +49,10 @@ std::string progress_line(const StepMetrics& m) {
                               m.grad_norm, human_count(m.tokens_per_s), 100.0 * m.mfu, m.mem_gib,
                               human_seconds(m.eta_s));
   if (m.eval_loss) s += fmt::format(" | eval {:.4f}", *m.eval_loss);
+  if (!m.phase_ms.empty()) {
+    s += " | ms";
+    for (const auto& [name, ms] : m.phase_ms) s += fmt::format(" {} {:.1f}", name, ms);
+  }
   return s;
 }
 

@@ -4,6 +4,8 @@
 #include <cstdio>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace mop {
 
@@ -22,6 +24,7 @@ struct StepMetrics {
   double elapsed_s = 0;
   double eta_s = 0;
   std::optional<double> eval_loss;
+  std::vector<std::pair<std::string, double>> phase_ms;  // train.timing: GPU step phases (ms)
 };
 
 class MetricsLog {

@@ -199,6 +199,7 @@ Trainer::Trainer(Config cfg, TrainOptions opt) : cfg_(std::move(cfg)), opt_(std:
     // once, as PyTorch's bf16 autograd gradients are; accumulating several micro-batches keeps fp32.
     go.bf16_grads = cfg_.train.grad_accum == 1;
     go.zero = int(cfg_.parallel.zero);
+    go.timing = cfg_.train.timing;
     if (parallel) {  // one GPU per local rank (NCCL), or ranks sharing GPUs (collectives staged through the host)
       const int gpus = cuda::device_count();
       const bool may_share = cfg_.parallel.gpu_comm != "nccl";  // host or skip: no NCCL communicator
@@ -550,6 +551,10 @@ TrainResult Trainer::run() {
     m.tokens = state_.tokens_seen;
     m.elapsed_s = state_.elapsed_s + train_time;
     m.eta_s = train_time / double(res.losses.size() + 1) * double(tc.steps - state_.step);
+#ifdef MOP_HAVE_CUDA
+    if (gpu_) m.phase_ms = gpu_->take_phase_ms();
+#endif
+    if (!m.phase_ms.empty()) res.phase_ms.push_back(m.phase_ms);
     if (!std::isfinite(m.loss)) MOP_FAIL("loss is {} at step {}: training diverged", m.loss, state_.step);
     res.losses.push_back(m.loss);
 

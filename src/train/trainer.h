@@ -5,6 +5,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "checkpoint/checkpoint.h"
@@ -38,6 +39,7 @@ struct TrainResult {
   std::string last_checkpoint;
   std::string sample;
   std::vector<double> step_seconds;  // wall time of each optimizer step
+  std::vector<std::vector<std::pair<std::string, double>>> phase_ms;  // per step (train.timing)
   int64_t tokens_per_step = 0;      // over all ranks
   int world = 1, rank = 0;
   double flops_per_token = 0;        // DESIGN.md's model FLOPs

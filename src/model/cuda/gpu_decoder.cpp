@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "model/cuda/gpu_acts.h"
+#include "model/cuda/phase_timer.h"
 #include "ops/cuda/adamw.h"
 #include "ops/cuda/attention.h"
 #include "ops/cuda/cast.h"
@@ -46,6 +47,15 @@ GpuDecoder::GpuDecoder(const ModelConfig& c, const ParamTable& t, GpuDecoderOpti
     MOP_CUDA_CHECK(cudaEventCreateWithFlags(&w_slot_ready_[s], cudaEventDisableTiming));
     MOP_CUDA_CHECK(cudaEventCreateWithFlags(&g_slot_free_[s], cudaEventDisableTiming));
   }
+  if (opt_.timing) timer_ = std::make_unique<PhaseTimer>();
+}
+
+void GpuDecoder::mark(const char* phase) {
+  if (timer_) timer_->mark(phase, stream_);
+}
+
+std::vector<std::pair<std::string, double>> GpuDecoder::take_phase_ms() {
+  return timer_ ? timer_->take() : std::vector<std::pair<std::string, double>>{};
 }
 
 // The state for the groups set_comm gave (none: one rank): units laid out in the device space,
@@ -121,6 +131,7 @@ GpuDecoder::~GpuDecoder() {
   if (stream_) cudaStreamSynchronize(stream_);
   if (comm_stream_) cudaStreamSynchronize(comm_stream_);
   acts_.reset();
+  timer_.reset();
   for (Unit& u : units_)
     if (u.ready) cudaEventDestroy(u.ready);
   for (cudaEvent_t e : {comm_done_, compute_mark_, w_slot_free_[0], w_slot_free_[1], w_slot_ready_[0],
@@ -268,6 +279,7 @@ void GpuDecoder::download_moments(float* m, float* v) const {
 
 void GpuDecoder::download_grads(float* host) const {
   MOP_CHECK(opt_.zero == 0, "GpuDecoder::download_grads is for unsharded runs (zero 0)");
+  const_cast<GpuDecoder*>(this)->zero_stale_grads();
   for (const Unit& u : units_) {
     DType t{};
     const void* g = const_cast<GpuDecoder*>(this)->unit_grad(u, &t);
@@ -289,19 +301,55 @@ void GpuDecoder::download_grads(float* host) const {
 
 void GpuDecoder::zero_grads() {
   MOP_CHECK(state_ready_, "GpuDecoder::zero_grads before upload_params");
+  mark("host");
   // No wait: the last step's reductions finished before its update (wait_reductions), which the
   // compute stream ran before this.
-  MOP_CUDA_CHECK(cudaMemsetAsync(grads_.data(), 0, grads_.bytes(), stream_));
+  if (opt_.bf16_grads) {
+    zero_grad_spans(/*experts=*/false);
+    expert_grads_stale_ = true;
+  } else {
+    MOP_CUDA_CHECK(cudaMemsetAsync(grads_.data(), 0, grads_.bytes(), stream_));
+  }
   if (head32_.data()) MOP_CUDA_CHECK(cudaMemsetAsync(head32_.data(), 0, head32_.bytes(), stream_));
   if (fn16_.data()) MOP_CUDA_CHECK(cudaMemsetAsync(fn16_.data(), 0, fn16_.bytes(), stream_));
   for (Unit& u : units_) u.reduced = false;
+  mark("zero_grads");
+}
+
+// grads_ is laid out unit after unit (gbegin, padded); with bf16 gradients the expert units' spans
+// are skipped by zero_grads (the backward overwrites them) or zeroed alone (zero_stale_grads).
+void GpuDecoder::zero_grad_spans(bool experts) {
+  const size_t es = opt_.bf16_grads ? 2 : 4, total = grads_.bytes() / es;
+  std::vector<std::pair<size_t, size_t>> ex;  // the expert units' [begin, end), sorted
+  for (const Unit& u : units_)
+    if (u.spec.experts && u.gbegin != Unit::none && !u.g_head32) ex.emplace_back(u.gbegin, u.gbegin + size_t(u.padded()));
+  std::sort(ex.begin(), ex.end());
+  auto zero = [&](size_t b, size_t e) {
+    if (e > b) MOP_CUDA_CHECK(cudaMemsetAsync(static_cast<char*>(grads_.data()) + b * es, 0, (e - b) * es, stream_));
+  };
+  size_t at = 0;
+  for (const auto& [b, e] : ex) {
+    if (experts) zero(b, e);
+    else zero(at, b);
+    at = e;
+  }
+  if (!experts) zero(at, total);
+}
+
+void GpuDecoder::zero_stale_grads() {
+  if (!expert_grads_stale_) return;
+  zero_grad_spans(/*experts=*/true);
+  expert_grads_stale_ = false;
 }
 
 double GpuDecoder::optimizer_step(double lr, double beta1, double beta2, double eps, double weight_decay, double clip) {
   MOP_CHECK(acts_, "GpuDecoder::optimizer_step before any forward_backward");
+  mark("host");
   reduce_grads();     // any reduction the backward did not start
   wait_reductions();  // the compute stream reads the reduced gradients from here on
+  mark("reduce_wait");
   const double norm = std::sqrt(grad_norm2());
+  mark("grad_norm");
   const double gscale = clip_scale(norm, clip);
 
   ++steps_;
@@ -319,6 +367,7 @@ double GpuDecoder::optimizer_step(double lr, double beta1, double beta2, double 
   cuda::adamw_step_split_multi(g16.data(), int(g16.size()), /*grads_bf16=*/true, args, stream_);
   cuda::adamw_step_split_multi(g32.data(), int(g32.size()), /*grads_bf16=*/false, args, stream_);
   gather_after_step();
+  mark("update");
   return norm;
 }
 

@@ -33,6 +33,8 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "core/alloc.h"
@@ -48,6 +50,7 @@ namespace mop {
 class ProcessGroup;
 class DeviceGroup;
 class DeviceWork;
+class PhaseTimer;
 
 // A multi-GPU run's groups (set by the trainer; parallel/world.h, parallel/cuda/device_group.h).
 // world and edp run on the decoder's comm_stream(), ep on its stream(). A null member: that axis
@@ -79,6 +82,7 @@ struct GpuDecoderOptions {
   // rounded exactly once (as PyTorch's bf16 autograd gradients are); with several, once per micro-batch.
   bool bf16_grads = false;
   int zero = 0;  // ZeRO stage across the ranks of set_comm (above)
+  bool timing = false;  // train.timing: CUDA events between the step's phases (take_phase_ms)
 };
 
 class GpuDecoder final : public ShardedState {
@@ -119,6 +123,11 @@ class GpuDecoder final : public ShardedState {
   // waits for them, and its norm counts every gradient element once over all ranks.
   void set_last_micro_batch(bool last) { last_micro_ = last; }
   void reduce_grads();
+
+  // With options().timing: milliseconds per phase of the compute stream since the last call (host,
+  // zero_grads, forward, moe_sync, ep_exchange, zero_wait, head, recompute, backward, reduce_wait,
+  // grad_norm, update; model/cuda/phase_timer.h). After synchronize(). Empty without timing.
+  std::vector<std::pair<std::string, double>> take_phase_ms();
 
   // This rank's shards as a sharded checkpoint's files hold them (parallel/zero.h's units and
   // chunks, fp32 master weights and moments): the same files as the CPU backend's ZeroParams of
@@ -162,6 +171,9 @@ class GpuDecoder final : public ShardedState {
   void gather_after_step();                  // zero >= 1: the updated chunks back to whole units
   double grad_norm2_shards();                // zero >= 1: this rank's reduced chunks, squared
   void adam_units(const cuda::AdamWArgs& args, double weight_decay);  // zero >= 1
+  void mark(const char* phase);              // timing: the compute stream's position ends `phase`
+  void zero_grad_spans(bool experts);        // memset the units' whole gradients: expert units, or the rest
+  void zero_stale_grads();                   // expert_grads_stale_: zero them now
   void wait_comm();                          // host: the pending collectives (timeout, not hang)
   void wait_comm_stream();                   // host: everything on both streams' collectives
   double grad_norm2();
@@ -203,10 +215,15 @@ class GpuDecoder final : public ShardedState {
   cudaEvent_t w_slot_free_[2] = {}, g_slot_free_[2] = {}, w_slot_ready_[2] = {};
   cudaEvent_t comm_done_ = nullptr, compute_mark_ = nullptr;
   bool last_micro_ = true, state_ready_ = false;
+  // bf16 gradients: zero_grads leaves the expert units' whole gradients (most of the model) to the
+  // next backward, whose grouped products overwrite them instead of adding to zeros (dw_overwrite_
+  // during that backward); anything reading gradients before it zeroes them (zero_stale_grads).
+  bool expert_grads_stale_ = false, dw_overwrite_ = false;
   std::unique_ptr<DeviceWork> comm_pending_;               // the last expert exchange (compute stream)
   std::unique_ptr<DeviceWork> comm_last_;                  // the last reduction or slot gather (comm stream)
   std::unique_ptr<DeviceWork> gather_last_;                // the last post-update gather (comm stream)
   std::unique_ptr<Acts> acts_;
+  std::unique_ptr<PhaseTimer> timer_;  // options().timing only
   int acts_N_ = -1;
   int64_t steps_ = 0;
 

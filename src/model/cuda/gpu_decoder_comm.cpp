@@ -125,6 +125,7 @@ void GpuDecoder::experts_forward_ep(int l) {
     a.ep_recv = bf16_rows(a.ep_rt_cap, D, Mem::comm);
     a.ep_dgate = Buffer(Device::cuda, Mem::comm, a.ep_rt_cap * size_t(K) * 4);
   }
+  mark("moe_sync");  // the layer's host sync, the plan's all-gather, the buffers
   bf16* xl = keep ? el.xl.as<bf16>() : a.ep_xl.as<bf16>();
   bf16* act = keep ? el.a.as<bf16>() : a.ep_a.as<bf16>();
   bf16* xr = keep ? a.ep_recv.as<bf16>() : el.xr.as<bf16>();
@@ -135,6 +136,7 @@ void GpuDecoder::experts_forward_ep(int l) {
   token_exchange_layout(x, *comm_.ep, y.idx, y.w, y.row, y.offsets, a.ep_send_pos, a.ep_send_gate);
   cuda::moe_permute(a.ep_send, y.h2, x.slot.as<int32_t>(), N, P, D, st);
   comm_pending_ = token_exchange_rows(*comm_.ep, p, a.ep_send, xr, D, DType::bf16, /*to_owners=*/true);
+  mark("ep_exchange");  // with the send layout and packing kernels
   if (R > 0) {
     cuda::moe_permute(xl, xr, x.pos.as<int32_t>(), int(Rt), K, D, st);
     cuda::grouped_matmul_forward(el.gu.as<bf16>(), xl, w.w_gu, off_d, off_h, El, D, 2 * F, st);
@@ -144,8 +146,10 @@ void GpuDecoder::experts_forward_ep(int l) {
   // Each received token's pairs as one gate-weighted row (recv is free again), back home, summed
   // over the ranks into the layer's expert output.
   if (Rt > 0) cuda::moe_combine(recv, el.yl.as<bf16>(), x.gate.as<float>(), x.pos.as<int32_t>(), int(Rt), K, D, st);
+  mark("forward");
   comm_pending_ = token_exchange_rows(*comm_.ep, p, recv, a.ep_send, D, DType::bf16, /*to_owners=*/false);
   cuda::moe_permute_backward(a.dtmp, a.ep_send, x.slot.as<int32_t>(), N, P, D, st);
+  mark("ep_exchange");
 }
 
 template <class G>
@@ -171,8 +175,10 @@ void GpuDecoder::experts_backward_ep(int l, const LayerView<G>& g) {
   const int32_t* off_d = x.local_offsets();
   const int32_t* off_h = p.local_offsets.data();
   // d(expert output) once to each owner; there, each pair's gradient and its gate's.
+  mark("backward");
   cuda::moe_permute(a.ep_send, a.dx, x.slot.as<int32_t>(), N, P, D, st);
   comm_pending_ = token_exchange_rows(*comm_.ep, p, a.ep_send, recv, D, DType::bf16, /*to_owners=*/true);
+  mark("ep_exchange");
   if (Rt > 0)
     cuda::moe_combine_backward(dyl, a.ep_dgate.as<float>(), recv, el.yl.as<bf16>(), x.gate.as<float>(),
                                x.pos.as<int32_t>(), int(Rt), K, D, st);
@@ -181,16 +187,22 @@ void GpuDecoder::experts_backward_ep(int l, const LayerView<G>& g) {
       cuda::moe_permute(xl, el.xr.as<bf16>(), x.pos.as<int32_t>(), int(Rt), K, D, st);
       cuda::swiglu_forward(act, el.gu.as<bf16>(), int(R), F, st);
     }
-    cuda::grouped_matmul_backward(a.ep_da.as<bf16>(), g.w_down, dyl, act, w.w_down, off_d, off_h, El, F, D, st);
+    cuda::grouped_matmul_backward(a.ep_da.as<bf16>(), g.w_down, dyl, act, w.w_down, off_d, off_h, El, F, D, st,
+                                  dw_overwrite_);
     cuda::swiglu_backward(a.ep_dgu.as<bf16>(), a.ep_da.as<bf16>(), el.gu.as<bf16>(), int(R), F, st);
     cuda::grouped_matmul_backward(dyl, g.w_gu, a.ep_dgu.as<bf16>(), xl, w.w_gu, off_d, off_h, El, D,
-                                  2 * F, st);
+                                  2 * F, st, dw_overwrite_);
+  } else if (dw_overwrite_) {  // no pairs here: the local experts' gradients are zero
+    MOP_CUDA_CHECK(cudaMemsetAsync(g.w_down, 0, size_t(El) * D * F * sizeof(G), st));
+    MOP_CUDA_CHECK(cudaMemsetAsync(g.w_gu, 0, size_t(El) * 2 * F * D * sizeof(G), st));
   }
   // Each token's pair gradients summed (recv is free again), back home with the gate gradients.
   if (Rt > 0) cuda::moe_permute_backward(recv, dyl, x.pos.as<int32_t>(), int(Rt), K, D, st);
+  mark("backward");
   token_exchange_rows(*comm_.ep, p, a.ep_dgate.data(), a.ep_send_gate, K, DType::f32, /*to_owners=*/false);
   comm_pending_ = token_exchange_rows(*comm_.ep, p, recv, a.ep_send, D, DType::bf16, /*to_owners=*/false);
   cuda::moe_permute_backward(a.dh, a.ep_send, x.slot.as<int32_t>(), N, P, D, st);
+  mark("ep_exchange");
   cuda::moe_ep_gate_grads(a.dw, a.ep_send_gate, x.slot.as<int32_t>(), y.idx, N, K, E, P, st);
 }
 

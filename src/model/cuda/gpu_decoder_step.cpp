@@ -95,10 +95,12 @@ void GpuDecoder::layer_forward(int l, bool recompute) {
       if (expert_parallel()) token_exchange_count(a.ep[size_t(l)].x, y.idx, N, K, E, comm_.ep->size(), st);
       // The one host synchronisation of the layer: the grouped GEMM takes its sizes from the host
       // (and the statistics and the exchange's counts go to the other ranks from there).
+      mark("forward");
       MOP_CUDA_CHECK(cudaMemcpyAsync(y.offsets_host.data(), y.offsets, size_t(E + 1) * 4, cudaMemcpyDeviceToHost, st));
       wait_comm();
       MOP_CUDA_CHECK(cudaStreamSynchronize(st));
       if (global_lb) global_lb_stats(l);
+      if (!expert_parallel()) mark("moe_sync");  // else after the exchange's plan
     }
     if (expert_parallel()) {
       // The owner side keeps the layer's pairs, their SwiGLU input and output (set_comm refuses
@@ -150,16 +152,20 @@ void GpuDecoder::backward_pass(const ModelView<G>& g, float lb_scale) {
   Acts& a = *acts_;
   const int N = a.N, D = int(c_.hidden), L = int(c_.layers), V = int(c_.vocab_size);
   cudaStream_t st = stream_;
+  mark("head");
   cuda::rmsnorm_backward(a.dx, g.final_norm, a.dh, a.xs[size_t(L)], w_.final_norm, a.rstdf, N, D, a.scratch, st);
   head_grads_done();
   for (int l = L - 1; l >= 0; --l) {
+    mark("backward");
     acquire_layer(l, /*backward=*/true);
-    if (opt_.recompute != GpuRecompute::none) layer_forward(l, /*recompute=*/true);
+    if (opt_.zero >= 1) mark("zero_wait");
+    if (opt_.recompute != GpuRecompute::none) layer_forward(l, /*recompute=*/true), mark("recompute");
     layer_backward(l, g.layers[size_t(l)], lb_scale);
     release_layer(l, /*backward=*/true);
   }
   cuda::embedding_backward(g.embed, a.dx, a.tokens, N, D, V, a.workspace.data(), a.workspace_bytes, st);
   embed_grads_done();
+  mark("backward");
 }
 
 // dx holds d(layer output) on entry and d(layer input) on exit.
@@ -188,10 +194,10 @@ void GpuDecoder::layer_backward(int l, const LayerView<G>& g, float lb_scale) {
     } else {
       cuda::moe_combine_backward(a.dyp, a.dw, a.dx, y.yp, y.w, y.row, N, K, D, st);
       cuda::grouped_matmul_backward(a.da, g.w_down, a.dyp, y.a, w.w_down, y.offsets, y.offsets_host.data(), E, F, D,
-                                    st);
+                                    st, dw_overwrite_);
       cuda::swiglu_backward(a.dgu, a.da, y.gu, M, F, st);
       cuda::grouped_matmul_backward(a.dxp, g.w_gu, a.dgu, y.xp, w.w_gu, y.offsets, y.offsets_host.data(), E, D, 2 * F,
-                                    st);
+                                    st, dw_overwrite_);
       cuda::moe_permute_backward(a.dh, a.dxp, y.row, N, K, D, st);
     }
     MOP_CUDA_CHECK(cudaMemsetAsync(a.dprobs, 0, size_t(N) * E * 4, st));
@@ -252,13 +258,19 @@ LossStats GpuDecoder::run(const TokenBatch& b, float ce_scale, float lb_scale, b
   const int Q = H * hd, KD = KV * hd;
   ensure_workspace(cuda::attention_workspace_bytes(a.n_docs, a.max_doc, N, H, KV, hd, Q, KD));
 
+  mark("host");
+  dw_overwrite_ = backward && expert_grads_stale_;
   acquire_outer();
+  if (opt_.zero >= 1) mark("zero_wait");
   cuda::embedding_forward(a.xs[0], a.tokens, w_.embed, N, D, V, st);
   for (int l = 0; l < L; ++l) {
+    if (opt_.zero >= 1) mark("forward");
     acquire_layer(l, /*backward=*/false);
+    if (opt_.zero >= 1) mark("zero_wait");
     layer_forward(l, /*recompute=*/false);
     release_layer(l, /*backward=*/false);
   }
+  mark("forward");
   const bool has_targets = b.targets != nullptr;
   if (!backward) {
     head<float>(nullptr, has_targets, 0.f);
@@ -278,6 +290,8 @@ LossStats GpuDecoder::run(const TokenBatch& b, float ce_scale, float lb_scale, b
     head(g32_.head, has_targets, ce_scale);
     backward_pass(g32_, lb_scale);
   }
+  if (!backward) mark("head");
+  if (backward) expert_grads_stale_ = dw_overwrite_ = false;  // written by this backward
 
   // Statistics back to the host (one synchronisation at the end of the micro-batch).
   LossStats stats;

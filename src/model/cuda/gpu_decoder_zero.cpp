@@ -258,6 +258,7 @@ void GpuDecoder::reduce_unit(Unit& u) {
 
 void GpuDecoder::reduce_grads() {
   MOP_CHECK(state_ready_, "GpuDecoder::reduce_grads before upload_params");
+  zero_stale_grads();  // a step without a backward
   for (Unit& u : units_) {
     MOP_CHECK(!u.g_slot || u.reduced, "GpuDecoder: unit {} has slotted gradients but no backward this step", u.spec.name);
     reduce_unit(u);

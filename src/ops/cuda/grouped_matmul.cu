@@ -126,14 +126,37 @@ template <class T> cudaDataType_t data_type() { return sizeof(T) == 4 ? CUDA_R_3
 template <class T>
 void backward_impl(__nv_bfloat16* dx_MI, T* dw_EOI, const __nv_bfloat16* dy_MO, const __nv_bfloat16* x_MI,
                    const __nv_bfloat16* w_EOI, const int32_t* offsets_E1_device, const int32_t* offsets_E1_host, int E,
-                   int I, int O, cudaStream_t stream) {
+                   int I, int O, cudaStream_t stream, bool dw_overwrite) {
   const std::vector<int> experts = nonempty_experts("grouped_matmul_backward", offsets_E1_host, E, I, O);
+  // Overwriting: the bf16 CUTLASS product stores without reading dw; every other path, and the
+  // experts with no rows, accumulate into zeros instead.
+  const bool store = dw_overwrite && dw_EOI && sizeof(T) == 2 && use_cutlass(I, O);
+  if (dw_overwrite && dw_EOI) {  // zeros: runs of experts the product does not store
+    std::vector<char> stored(size_t(E), 0);
+    if (store)
+      for (int e : experts) stored[size_t(e)] = 1;
+    for (int e = 0; e < E;) {
+      if (stored[size_t(e)]) {
+        ++e;
+        continue;
+      }
+      int end = e + 1;
+      while (end < E && !stored[size_t(end)]) ++end;
+      MOP_CUDA_CHECK(cudaMemsetAsync(dw_EOI + size_t(e) * O * I, 0, size_t(end - e) * O * I * sizeof(T), stream));
+      e = end;
+    }
+  }
   if (experts.empty()) return;
   if (use_cutlass(I, O)) {
     if (dx_MI)
       detail::cutlass_grouped_dgrad(dx_MI, dy_MO, w_EOI, offsets_E1_device, offsets_E1_host, experts, E, I, O, stream);
-    if (dw_EOI)
-      detail::cutlass_grouped_wgrad(dw_EOI, dy_MO, x_MI, offsets_E1_device, offsets_E1_host, experts, E, I, O, stream);
+    if (dw_EOI) {
+      if constexpr (sizeof(T) == 2)
+        detail::cutlass_grouped_wgrad(dw_EOI, dy_MO, x_MI, offsets_E1_device, offsets_E1_host, experts, E, I, O, store,
+                                      stream);
+      else
+        detail::cutlass_grouped_wgrad(dw_EOI, dy_MO, x_MI, offsets_E1_device, offsets_E1_host, experts, E, I, O, stream);
+    }
     return;
   }
   const int64_t b = sizeof(__nv_bfloat16);
@@ -165,14 +188,16 @@ void backward_impl(__nv_bfloat16* dx_MI, T* dw_EOI, const __nv_bfloat16* dy_MO, 
 
 void grouped_matmul_backward(__nv_bfloat16* dx_MI, float* dw_EOI, const __nv_bfloat16* dy_MO,
                              const __nv_bfloat16* x_MI, const __nv_bfloat16* w_EOI, const int32_t* offsets_E1_device,
-                             const int32_t* offsets_E1_host, int E, int I, int O, cudaStream_t stream) {
-  backward_impl(dx_MI, dw_EOI, dy_MO, x_MI, w_EOI, offsets_E1_device, offsets_E1_host, E, I, O, stream);
+                             const int32_t* offsets_E1_host, int E, int I, int O, cudaStream_t stream,
+                             bool dw_overwrite) {
+  backward_impl(dx_MI, dw_EOI, dy_MO, x_MI, w_EOI, offsets_E1_device, offsets_E1_host, E, I, O, stream, dw_overwrite);
 }
 
 void grouped_matmul_backward(__nv_bfloat16* dx_MI, __nv_bfloat16* dw_EOI, const __nv_bfloat16* dy_MO,
                              const __nv_bfloat16* x_MI, const __nv_bfloat16* w_EOI, const int32_t* offsets_E1_device,
-                             const int32_t* offsets_E1_host, int E, int I, int O, cudaStream_t stream) {
-  backward_impl(dx_MI, dw_EOI, dy_MO, x_MI, w_EOI, offsets_E1_device, offsets_E1_host, E, I, O, stream);
+                             const int32_t* offsets_E1_host, int E, int I, int O, cudaStream_t stream,
+                             bool dw_overwrite) {
+  backward_impl(dx_MI, dw_EOI, dy_MO, x_MI, w_EOI, offsets_E1_device, offsets_E1_host, E, I, O, stream, dw_overwrite);
 }
 
 }  // namespace mop::cuda

@@ -28,13 +28,17 @@ void grouped_matmul_forward(__nv_bfloat16* y_MO, const __nv_bfloat16* x_MI, cons
                             cudaStream_t stream);
 // dx written in bf16 (skipped when null); dw_EOI += per-expert dy^T @ x in fp32 (skipped when null;
 // experts with no rows are left unchanged).
+// dw_overwrite: dw as if it were zero before (the first backward after zeroing the gradients),
+// without zeroing or reading it: experts with no rows get zeros.
 void grouped_matmul_backward(__nv_bfloat16* dx_MI, float* dw_EOI, const __nv_bfloat16* dy_MO,
                              const __nv_bfloat16* x_MI, const __nv_bfloat16* w_EOI, const int32_t* offsets_E1_device,
-                             const int32_t* offsets_E1_host, int E, int I, int O, cudaStream_t stream);
+                             const int32_t* offsets_E1_host, int E, int I, int O, cudaStream_t stream,
+                             bool dw_overwrite = false);
 // Same with bf16 weight gradients: dw_e = bf16(dw_e + dy_e^T @ x_e), the sum in fp32, rounded once.
 void grouped_matmul_backward(__nv_bfloat16* dx_MI, __nv_bfloat16* dw_EOI, const __nv_bfloat16* dy_MO,
                              const __nv_bfloat16* x_MI, const __nv_bfloat16* w_EOI, const int32_t* offsets_E1_device,
-                             const int32_t* offsets_E1_host, int E, int I, int O, cudaStream_t stream);
+                             const int32_t* offsets_E1_host, int E, int I, int O, cudaStream_t stream,
+                             bool dw_overwrite = false);
 // dx only (dw = nullptr picks no overload above by itself).
 inline void grouped_matmul_backward(__nv_bfloat16* dx_MI, std::nullptr_t, const __nv_bfloat16* dy_MO,
                                     const __nv_bfloat16* x_MI, const __nv_bfloat16* w_EOI,

@@ -23,9 +23,10 @@ void cutlass_grouped_dgrad(__nv_bfloat16* dx, const __nv_bfloat16* dy, const __n
 void cutlass_grouped_wgrad(float* dw, const __nv_bfloat16* dy, const __nv_bfloat16* x, const int32_t* offsets_device,
                            const int32_t* offsets_host, const std::vector<int>& experts, int E, int I, int O,
                            cudaStream_t stream);
-// dw_e = bf16(dw_e + dy_e^T @ x_e) (fp32 sum, rounded once).
+// dw_e = bf16(dw_e + dy_e^T @ x_e) (fp32 sum, rounded once); overwrite: dw_e = bf16(dy_e^T @ x_e),
+// dw not read.
 void cutlass_grouped_wgrad(__nv_bfloat16* dw, const __nv_bfloat16* dy, const __nv_bfloat16* x,
                            const int32_t* offsets_device, const int32_t* offsets_host, const std::vector<int>& experts,
-                           int E, int I, int O, cudaStream_t stream);
+                           int E, int I, int O, bool overwrite, cudaStream_t stream);
 
 }  // namespace mop::cuda::detail

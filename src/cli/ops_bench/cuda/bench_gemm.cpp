@@ -54,6 +54,7 @@ void grouped_projection(Ctx& x, const std::string& name, int M, int E, int I, in
   auto dY = random_dev<bf16>(size_t(M) * O, 73, -1.f, 1.f, st);
   Dev<bf16> Y(size_t(M) * O), dX(size_t(M) * I);
   Dev<float> dW(size_t(E) * O * I);
+  Dev<bf16> dW16(size_t(E) * O * I);
   float* no_dw = nullptr;
   const double flops = 2.0 * M * I * O;
   const std::string sh = fmt::format("{}x{} -> {}, {} experts", M, I, O, E);
@@ -74,6 +75,13 @@ void grouped_projection(Ctx& x, const std::string& name, int M, int E, int I, in
   auto wgrad = [&] {
     cuda::grouped_matmul_backward(nullptr, dW.p(), dY.p(), X.p(), W.p(), dOff.p(), off.data(), E, I, O, st);
   };
+  // The training step's forms with bf16 gradients (one micro-batch): added to, and overwriting.
+  auto wgrad16 = [&](bool overwrite) {
+    return [&, overwrite] {
+      cuda::grouped_matmul_backward(nullptr, dW16.p(), dY.p(), X.p(), W.p(), dOff.p(), off.data(), E, I, O, st,
+                                    overwrite);
+    };
+  };
   const std::string engine_default = cuda::grouped_gemm_backend();
   for (const char* backend : {"cutlass", "cublas"}) {
     cuda::set_grouped_gemm_backend(backend);
@@ -92,6 +100,8 @@ void grouped_projection(Ctx& x, const std::string& name, int M, int E, int I, in
     vs_dense(x.time("grouped", k + "fwd", sh, fwd), dense_f);
     vs_dense(x.time("grouped", k + "dgrad", sh, dgrad), dense_d);
     vs_dense(x.time("grouped", k + "wgrad (fp32 +=)", sh, wgrad), dense_w);
+    vs_dense(x.time("grouped", k + "wgrad (bf16 +=)", sh, wgrad16(false)), dense_w);
+    vs_dense(x.time("grouped", k + "wgrad (bf16 overwrite)", sh, wgrad16(true)), dense_w);
   }
   cuda::set_grouped_gemm_backend(engine_default.c_str());
 }
