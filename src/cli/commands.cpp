@@ -73,7 +73,10 @@ int eval(const EvalArgs& a) {
 
 int bench(const BenchArgs& a) {
   MOP_CHECK(a.steps > a.warmup && a.warmup >= 0, "--steps ({}) must exceed --warmup ({})", a.steps, a.warmup);
-  std::vector<std::string> sets = {"train.timing=true"};  // the user's --set may turn it off
+  // Defaults the user's --set may override: phase timing, and the PyTorch baseline's optimizer
+  // settings (bench/baselines/torch_fsdp2.py: constant lr 3e-4), so loss_first/loss_last compare
+  // with its run (the training default, 3e-3 after 20 warmup steps, is for the tiny preset).
+  std::vector<std::string> sets = {"train.timing=true", "train.lr=3e-4", "train.warmup=0", "train.schedule=constant"};
   sets.insert(sets.end(), a.sets.begin(), a.sets.end());
   for (const char* s : {"data.synthetic=true", "train.eval_every=0", "train.sample_tokens=0"}) sets.emplace_back(s);
   sets.push_back(fmt::format("train.steps={}", a.steps));
