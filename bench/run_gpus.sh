@@ -9,6 +9,7 @@
 # $OUT/<name>.log. NCCL_NVLS_ENABLE=0 is set here.
 # Exposed communication: the same mop spec again with +parallel.gpu_comm=skip (every device
 # collective skipped); 1 - (step time skipped / step time) is the exposed share of the step.
+# At the end, bench/summarize_gpus.py prints the runs as one table (ratios, exposed share, phases).
 set -uo pipefail
 gpus=${1:?usage: run_gpus.sh NGPUS BUILD_DIR SPEC...}
 build=${2:?usage: run_gpus.sh NGPUS BUILD_DIR SPEC...}
@@ -37,3 +38,4 @@ for spec in "$@"; do
   echo "$name rc=$?"
   grep -E '^\{' "$out/$name.log" | grep -v '"rank": *[1-9]' | head -1 | tee -a "$out/x$gpus.jsonl"
 done
+python3 "$(dirname "$0")/summarize_gpus.py" "$out/x$gpus.jsonl"

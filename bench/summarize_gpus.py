@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""One table from run_gpus.sh's JSON lines: each mop run next to the PyTorch baseline of the same
+shape (layers, sequence length, batch per GPU) and to its own twin with parallel.gpu_comm = skip.
+
+  python3 bench/summarize_gpus.py OUT/x2.jsonl [...]
+
+ratio: mop's tokens/s per GPU over the baseline's. exposed: the share of mop's step that the
+communication adds, 1 - (skipped step / step). The phases are the compute stream's medians
+(train.timing): where the step went, the expert exchange and the ZeRO waits included."""
+import json
+import sys
+
+
+def rows(paths):
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line.startswith("{"):
+                    yield json.loads(line)
+
+
+def shape(r):
+    if r.get("impl") == "mop":
+        return (r["layers"], r["seq"], r["batch"] // max(1, r["world"]))
+    return (r["layers"], r["seq"], r["batch"])
+
+
+def layout(r):
+    return f"zero {r.get('zero', 0)}, ep {r.get('ep', 1)}"
+
+
+def main(paths):
+    runs = list(rows(paths))
+    torch = {shape(r): r for r in runs if r.get("impl", "").startswith("torch") and "tokens_per_s_per_gpu" in r}
+    mop = [r for r in runs if r.get("impl") == "mop" and "tokens_per_s" in r]
+    skipped = {(shape(r), layout(r)): r for r in mop if r.get("gpu_comm") == "skip"}
+    print("| run | GPUs | layers | seq x batch/GPU | tok/s/GPU | MFU | peak GiB | vs baseline | exposed comm | top phases (ms) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in mop + [t for t in torch.values()]:
+        is_mop = r.get("impl") == "mop"
+        sh = shape(r)
+        tps = r["tokens_per_s"] if is_mop else r["tokens_per_s_per_gpu"]
+        ratio = exposed = phases = ""
+        if is_mop:
+            name = f"mop {layout(r)}" + (", comm skipped" if r.get("gpu_comm") == "skip" else "")
+            base = torch.get(sh)
+            if base and r.get("gpu_comm") != "skip":  # a skipped run's numbers are not a result
+                ratio = f"{tps / base['tokens_per_s_per_gpu']:.2f}x"
+            twin = skipped.get((sh, layout(r)))
+            if twin is not None and twin is not r and r.get("gpu_comm") != "skip":
+                exposed = f"{100 * (1 - twin['step_s_median'] / r['step_s_median']):.1f}%"
+            ph = sorted(r.get("phase_ms_median", {}).items(), key=lambda kv: -kv[1])[:5]
+            phases = ", ".join(f"{k} {v:.1f}" for k, v in ph)
+            gpus = r["world"]
+        else:
+            name = f"PyTorch FSDP2 ({r.get('settings', '')})"
+            gpus = r.get("gpus", "")
+        print(f"| {name} | {gpus} | {sh[0]} | {sh[1]} x {sh[2]} | {tps:,.0f} | {100 * r['mfu']:.1f}% | "
+              f"{r['peak_gib']:.1f} | {ratio} | {exposed} | {phases} |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    main(sys.argv[1:])
