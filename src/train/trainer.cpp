@@ -561,6 +561,9 @@ TrainResult Trainer::run() {
     const bool last = state_.step == tc.steps;
     if (tc.eval_every > 0 && (state_.step % tc.eval_every == 0 || last) && data_.val) {
       m.eval_loss = evaluate();
+#ifdef MOP_HAVE_CUDA
+      if (gpu_) gpu_->take_phase_ms();  // the evaluation's marks are no step's phases
+#endif
       res.final_eval_loss = *m.eval_loss;
     }
     metrics.write(m);
