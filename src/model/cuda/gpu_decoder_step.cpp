@@ -30,9 +30,7 @@ using bf16 = __nv_bfloat16;
 namespace {
 // Columns [col, col + width) of each of N rows of `stride` elements, to/from a contiguous (N, width).
 void copy_cols(bf16* dst, size_t dst_stride, const bf16* src, size_t src_stride, int N, size_t width, cudaStream_t s) {
-  if (N == 0) return;
-  MOP_CUDA_CHECK(
-      cudaMemcpy2DAsync(dst, dst_stride * 2, src, src_stride * 2, width * 2, size_t(N), cudaMemcpyDeviceToDevice, s));
+  cuda::copy_rows_bf16(dst, dst_stride, src, src_stride, size_t(N), width, s);
 }
 }  // namespace
 

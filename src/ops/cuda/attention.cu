@@ -20,6 +20,7 @@
 
 #include "ops/cuda/attention.h"
 #include "ops/cuda/check.cuh"
+#include "ops/cuda/elementwise.h"
 
 namespace mop::cuda {
 
@@ -44,17 +45,6 @@ static __global__ void ragged_meta_kernel(const int32_t* cu, int n_docs, int B, 
   off_dkv[b] = Off(c * dkv_rs);
   off_st[b] = Off(c * st_rs);
   if (b < B) seq_len[b] = b < n_docs ? int32_t(cu[b + 1] - c) : 0;
-}
-
-// Copies N rows of `width` bf16 (a multiple of 8) from rows `src_stride` apart into a contiguous
-// (N, width) array, 16 bytes per thread.
-static __global__ void gather_rows_kernel(const __nv_bfloat16* src, int64_t src_stride, __nv_bfloat16* dst, int width,
-                                          int N) {
-  const int vecs = width / 8;
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= int64_t(N) * vecs) return;
-  const int64_t n = i / vecs, c = i % vecs;
-  reinterpret_cast<uint4*>(dst + n * width)[c] = reinterpret_cast<const uint4*>(src + n * src_stride)[c];
 }
 
 // Batched layout, backward: cuDNN < 9.26 reads a non-ragged Stats input only as packed (B, H, L),
@@ -311,9 +301,7 @@ size_t repack_bytes(const Key& k, int N, int qrs, int kvrs) {
 }
 
 void gather_rows(const __nv_bfloat16* src, int src_stride, __nv_bfloat16* dst, int width, int N, cudaStream_t stream) {
-  const int64_t n = int64_t(N) * (width / 8);
-  gather_rows_kernel<<<unsigned((n + 255) / 256), 256, 0, stream>>>(src, src_stride, dst, width, N);
-  MOP_CUDA_LAUNCH_CHECK();
+  copy_rows_bf16(dst, size_t(width), src, size_t(src_stride), size_t(N), size_t(width), stream);
 }
 
 void check_aligned(const char* what, std::initializer_list<const void*> ptrs) {

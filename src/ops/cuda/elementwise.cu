@@ -34,6 +34,17 @@ static __global__ void accumulate_kernel(float* out, const __nv_bfloat16* a, siz
   for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) out[i] += __bfloat162float(a[i]);
 }
 
+// One thread per element (T = __nv_bfloat16) or per 8 of them (T = uint4) of an (N, width) block.
+template <class T>
+static __global__ void copy_rows_kernel(T* dst, size_t dst_stride, const T* src, size_t src_stride, size_t N,
+                                        size_t width) {
+  const size_t total = N * width, stride = size_t(gridDim.x) * blockDim.x;
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+    const size_t n = i / width, j = i % width;
+    dst[n * dst_stride + j] = src[n * src_stride + j];
+  }
+}
+
 int grid_for(size_t work) {
   size_t blocks = (work + kThreads - 1) / kThreads;
   return int(blocks < 65535 * 8 ? blocks : 65535 * 8);
@@ -56,6 +67,18 @@ void add_bf16(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* b
 void accumulate_bf16_into_f32(float* out, const __nv_bfloat16* a, size_t n, cudaStream_t stream) {
   if (n == 0) return;
   accumulate_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, a, n);
+  MOP_CUDA_LAUNCH_CHECK();
+}
+
+void copy_rows_bf16(__nv_bfloat16* dst, size_t dst_stride, const __nv_bfloat16* src, size_t src_stride, size_t N,
+                    size_t width, cudaStream_t stream) {
+  if (N == 0 || width == 0) return;
+  if (width % 8 == 0 && dst_stride % 8 == 0 && src_stride % 8 == 0 && aligned16(dst) && aligned16(src)) {
+    copy_rows_kernel<<<grid_for(N * width / 8), kThreads, 0, stream>>>(
+        reinterpret_cast<uint4*>(dst), dst_stride / 8, reinterpret_cast<const uint4*>(src), src_stride / 8, N, width / 8);
+  } else {
+    copy_rows_kernel<<<grid_for(N * width), kThreads, 0, stream>>>(dst, dst_stride, src, src_stride, N, width);
+  }
   MOP_CUDA_LAUNCH_CHECK();
 }
 

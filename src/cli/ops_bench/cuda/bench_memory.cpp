@@ -56,6 +56,28 @@ void norms_and_rope(Ctx& x) {
   x.memory_row(x.time("memory", "residual add (bf16)", nd, [&] { cuda::add_bf16(R2.p(), R.p(), X.p(), ND, st); }),
                6.0 * ND);
 
+  // The fused q|k|v GEMM output split into contiguous q, k and v (forward; backward joins them),
+  // by the kernel the decoder uses and by the 2D copy it replaced.
+  {
+    const int Q = H * hd, KD = KV * hd, O = Q + 2 * KD;
+    const size_t NO = size_t(N) * O;
+    auto QKV = random_dev<bf16>(NO, 26, -1.f, 1.f, st);
+    Dev<bf16> parts{NO};
+    const std::string shape = fmt::format("{}x{} -> {}|{}|{}", N, O, Q, KD, KD);
+    const int widths[3] = {Q, KD, KD}, cols[3] = {0, Q, Q + KD};
+    size_t at[3] = {0, size_t(N) * Q, size_t(N) * (Q + KD)};
+    x.memory_row(x.time("memory", "q|k|v split (row copy kernel)", shape, [&] {
+      for (int i = 0; i < 3; ++i)
+        cuda::copy_rows_bf16(parts.p() + at[i], size_t(widths[i]), QKV.p() + cols[i], size_t(O), size_t(N),
+                             size_t(widths[i]), st);
+    }), 4.0 * NO);
+    x.memory_row(x.time("memory", "q|k|v split (cudaMemcpy2DAsync)", shape, [&] {
+      for (int i = 0; i < 3; ++i)
+        MOP_CUDA_CHECK(cudaMemcpy2DAsync(parts.p() + at[i], size_t(widths[i]) * 2, QKV.p() + cols[i], size_t(O) * 2,
+                                         size_t(widths[i]) * 2, size_t(N), cudaMemcpyDeviceToDevice, st));
+    }), 4.0 * NO).note = "not the engine's path";
+  }
+
   // QK-norm + RoPE over contiguous q (H heads) and k (KV heads), as the decoder calls them.
   std::vector<int32_t> pos(static_cast<size_t>(N));
   for (int n = 0; n < N; ++n) pos[size_t(n)] = int32_t(n % x.o.seq);
