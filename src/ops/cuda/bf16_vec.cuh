@@ -1,5 +1,6 @@
 // Vector access to bf16 rows for the memory-bound kernels: W = 8 moves one 16-byte vector
-// (8 bf16) per step and needs 16-byte-aligned pointers; W = 1 is the scalar fallback.
+// (8 bf16) per step and needs 16-byte-aligned pointers; W = 1 is the scalar fallback (the only
+// two widths).
 #pragma once
 #include <cuda_bf16.h>
 
@@ -28,6 +29,19 @@ template <int W> static __device__ __forceinline__ void store_bf16(__nv_bfloat16
   } else {
     p[0] = __float2bfloat16_rn(f[0]);
   }
+}
+
+// The same as a value: W floats of one vector, for kernels that pass them around.
+template <int W> struct F32Vec {
+  float v[W];
+};
+template <int W> static __device__ __forceinline__ F32Vec<W> load_vec(const __nv_bfloat16* p) {
+  F32Vec<W> out;
+  load_f32<W>(p, out.v);
+  return out;
+}
+template <int W> static __device__ __forceinline__ void store_vec(__nv_bfloat16* p, const F32Vec<W>& x) {
+  store_bf16<W>(p, x.v);
 }
 
 }  // namespace mop::cuda

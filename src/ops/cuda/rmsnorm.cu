@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "ops/cuda/bf16_vec.cuh"
 #include "ops/cuda/check.cuh"
 
 namespace mop::cuda {
@@ -15,37 +16,6 @@ constexpr int kMaxBwdBlocks = 1024;   // about 8 resident blocks on each of 132 
 constexpr int kSumCols = 32, kSumGroups = 32;  // partial-sum kernel tile
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// kVec bf16 <-> fp32: 8 = one 16-byte access (D % 8 == 0, aligned pointers), else 1 (any D).
-template <int kVec> struct Pack {
-  float v[kVec];
-};
-template <int kVec> __device__ inline Pack<kVec> load(const __nv_bfloat16* p) {
-  Pack<kVec> out;
-  if constexpr (kVec == 8) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const float2 f = __bfloat1622float2(h[k]);
-      out.v[2 * k] = f.x, out.v[2 * k + 1] = f.y;
-    }
-  } else {
-    out.v[0] = __bfloat162float(p[0]);
-  }
-  return out;
-}
-template <int kVec> __device__ inline void store(__nv_bfloat16* p, const Pack<kVec>& x) {
-  if constexpr (kVec == 8) {
-    uint4 raw;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) h[k] = __floats2bfloat162_rn(x.v[2 * k], x.v[2 * k + 1]);
-    *reinterpret_cast<uint4*>(p) = raw;
-  } else {
-    p[0] = __float2bfloat16_rn(x.v[0]);
-  }
-}
 
 // Butterfly: every lane ends with the same sum, in the same order on every run.
 __device__ inline float warp_sum(float x) {
@@ -66,12 +36,12 @@ __global__ void rmsnorm_forward_kernel(__nv_bfloat16* resid_out_ND, __nv_bfloat1
   float ss = 0.f;
   for (int v = lane; v < n_vec; v += 32) {
     const size_t off = row + size_t(v) * kVec;
-    Pack<kVec> x = load<kVec>(x_ND + off);
+    F32Vec<kVec> x = load_vec<kVec>(x_ND + off);
     if constexpr (kResid) {
-      const Pack<kVec> r = load<kVec>(resid_ND + off);
+      const F32Vec<kVec> r = load_vec<kVec>(resid_ND + off);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) x.v[k] = __bfloat162float(__float2bfloat16_rn(x.v[k] + r.v[k]));
-      store<kVec>(resid_out_ND + off, x);
+      store_vec<kVec>(resid_out_ND + off, x);
     }
 #pragma unroll
     for (int k = 0; k < kVec; ++k) ss += x.v[k] * x.v[k];
@@ -83,11 +53,11 @@ __global__ void rmsnorm_forward_kernel(__nv_bfloat16* resid_out_ND, __nv_bfloat1
   const __nv_bfloat16* src = kResid ? resid_out_ND : x_ND;
   for (int v = lane; v < n_vec; v += 32) {
     const size_t off = row + size_t(v) * kVec;
-    Pack<kVec> x = load<kVec>(src + off);
-    const Pack<kVec> w = load<kVec>(w_D + size_t(v) * kVec);
+    F32Vec<kVec> x = load_vec<kVec>(src + off);
+    const F32Vec<kVec> w = load_vec<kVec>(w_D + size_t(v) * kVec);
 #pragma unroll
     for (int k = 0; k < kVec; ++k) x.v[k] = x.v[k] * rstd * w.v[k];
-    store<kVec>(y_ND + off, x);
+    store_vec<kVec>(y_ND + off, x);
   }
 }
 
@@ -129,21 +99,23 @@ __global__ void rmsnorm_backward_kernel(__nv_bfloat16* dx_ND, float* partial_GD,
     float dot = 0.f;
     for (int v = threadIdx.x; v < n_vec; v += blockDim.x) {
       const size_t off = row + size_t(v) * kVec;
-      const Pack<kVec> dy = load<kVec>(dy_ND + off), x = load<kVec>(x_ND + off), w = load<kVec>(w_D + size_t(v) * kVec);
+      const F32Vec<kVec> dy = load_vec<kVec>(dy_ND + off), x = load_vec<kVec>(x_ND + off),
+                         w = load_vec<kVec>(w_D + size_t(v) * kVec);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) dot += dy.v[k] * w.v[k] * x.v[k];
     }
     const float c = r * r * block_sum(dot, red[n & 1]) / float(D);
     for (int v = threadIdx.x; v < n_vec; v += blockDim.x) {
       const size_t off = row + size_t(v) * kVec;
-      const Pack<kVec> dy = load<kVec>(dy_ND + off), x = load<kVec>(x_ND + off), w = load<kVec>(w_D + size_t(v) * kVec);
-      Pack<kVec> dx;
+      const F32Vec<kVec> dy = load_vec<kVec>(dy_ND + off), x = load_vec<kVec>(x_ND + off),
+                         w = load_vec<kVec>(w_D + size_t(v) * kVec);
+      F32Vec<kVec> dx;
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
         dx.v[k] = r * (w.v[k] * dy.v[k] - x.v[k] * c);
         dw_acc[k * n_vec + v] += dy.v[k] * x.v[k] * r;
       }
-      store<kVec>(dx_ND + off, dx);
+      store_vec<kVec>(dx_ND + off, dx);
     }
   }
   float* partial = partial_GD + size_t(blockIdx.x) * D;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "ops/cuda/bf16_vec.cuh"
 #include "ops/cuda/check.cuh"
 
 namespace mop::cuda {
@@ -17,39 +18,6 @@ inline unsigned grid_for(size_t work) {
 }
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// kVec bf16 per load: 8 (one 16-byte access) when F % 8 == 0 and pointers are aligned, else 1.
-template <int kVec> struct Pack {
-  float v[kVec];
-};
-template <int kVec> __device__ inline Pack<kVec> load(const __nv_bfloat16* p) {
-  Pack<kVec> out;
-  if constexpr (kVec == 8) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const float2 f = __bfloat1622float2(h[k]);
-      out.v[2 * k] = f.x, out.v[2 * k + 1] = f.y;
-    }
-  } else {
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) out.v[k] = __bfloat162float(p[k]);
-  }
-  return out;
-}
-template <int kVec> __device__ inline void store(__nv_bfloat16* p, const Pack<kVec>& x) {
-  if constexpr (kVec == 8) {
-    uint4 raw;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) h[k] = __floats2bfloat162_rn(x.v[2 * k], x.v[2 * k + 1]);
-    *reinterpret_cast<uint4*>(p) = raw;
-  } else {
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) p[k] = __float2bfloat16_rn(x.v[k]);
-  }
-}
-
 // Never NaN: for very negative g, expf(-g) = inf and the sigmoid is 0 (as in the CPU op).
 __device__ inline float sigmoid(float g) { return 1.f / (1.f + expf(-g)); }
 
@@ -60,11 +28,11 @@ __global__ void swiglu_forward_kernel(__nv_bfloat16* h_NF, const __nv_bfloat16* 
   for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += size_t(gridDim.x) * blockDim.x) {
     const size_t n = i / vecs_per_row, f = (i - n * vecs_per_row) * kVec;
     const __nv_bfloat16* g_ptr = gu_N2F + n * 2 * F + f;
-    const Pack<kVec> g = load<kVec>(g_ptr), u = load<kVec>(g_ptr + F);
-    Pack<kVec> h;
+    const F32Vec<kVec> g = load_vec<kVec>(g_ptr), u = load_vec<kVec>(g_ptr + F);
+    F32Vec<kVec> h;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) h.v[k] = g.v[k] * sigmoid(g.v[k]) * u.v[k];
-    store<kVec>(h_NF + n * F + f, h);
+    store_vec<kVec>(h_NF + n * F + f, h);
   }
 }
 
@@ -76,8 +44,8 @@ __global__ void swiglu_backward_kernel(__nv_bfloat16* dgu_N2F, const __nv_bfloat
   for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += size_t(gridDim.x) * blockDim.x) {
     const size_t n = i / vecs_per_row, f = (i - n * vecs_per_row) * kVec;
     const __nv_bfloat16* g_ptr = gu_N2F + n * 2 * F + f;
-    const Pack<kVec> g = load<kVec>(g_ptr), u = load<kVec>(g_ptr + F), dh = load<kVec>(dh_NF + n * F + f);
-    Pack<kVec> dg, du;
+    const F32Vec<kVec> g = load_vec<kVec>(g_ptr), u = load_vec<kVec>(g_ptr + F), dh = load_vec<kVec>(dh_NF + n * F + f);
+    F32Vec<kVec> dg, du;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       const float s = sigmoid(g.v[k]);
@@ -85,8 +53,8 @@ __global__ void swiglu_backward_kernel(__nv_bfloat16* dgu_N2F, const __nv_bfloat
       du.v[k] = dh.v[k] * g.v[k] * s;
     }
     __nv_bfloat16* dg_ptr = dgu_N2F + n * 2 * F + f;
-    store<kVec>(dg_ptr, dg);
-    store<kVec>(dg_ptr + F, du);
+    store_vec<kVec>(dg_ptr, dg);
+    store_vec<kVec>(dg_ptr + F, du);
   }
 }
 
