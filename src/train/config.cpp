@@ -135,6 +135,10 @@ const std::vector<Field>& fields() {
       F("train.timing", train.timing,
         "GPU: time each step's phases with CUDA events (forward, head, backward, exchange, update, ...) into "
         "metrics.jsonl's phase_ms and the progress line"),
+      F("train.trace", train.trace,
+        "GPU: write a Chrome trace (Perfetto) of one step to this file: every kernel, copy and memset per "
+        "stream, and the host's CUDA calls; '{rank}' in it becomes the rank (else rank 0 writes); empty = off"),
+      F("train.trace_step", train.trace_step, "the step train.trace records; 0 = the last step of the run"),
       F("train.deterministic", train.deterministic,
         "GPU: bit-identical runs from one seed (deterministic attention backward, ~15% slower)"),
       F("train.threads", train.threads, "CPU threads; 0 = all cores up to 8"),
@@ -285,6 +289,9 @@ void Config::validate() const {
   MOP_CHECK(t.clip >= 0, "train.clip must be >= 0, got {}", t.clip);
   MOP_CHECK(t.checkpointing == "none" || t.checkpointing == "full" || t.checkpointing == "selective",
             "train.checkpointing = '{}' is not one of none, full, selective", t.checkpointing);
+  MOP_CHECK(t.trace_step >= 0 && (t.trace.empty() || t.trace_step <= t.steps),
+            "train.trace_step = {} is not a step of the run (1..train.steps = {}, or 0 for the last)", t.trace_step,
+            t.steps);
   MOP_CHECK(t.log_every > 0, "train.log_every must be positive, got {}", t.log_every);
   MOP_CHECK(t.eval_every >= 0 && t.save_every >= 0 && t.eval_batches > 0 && t.keep_checkpoints > 0,
             "train.eval_every, train.save_every must be >= 0 and train.eval_batches, train.keep_checkpoints > 0");

@@ -37,6 +37,8 @@ struct TrainConfig {
   double sample_temperature = 0.7;
   double peak_tflops = 0;          // MFU denominator; 0 = 790 on an H200, an estimate on the CPU
   bool timing = false;             // GPU: time the step's phases (CUDA events); metrics.jsonl's phase_ms
+  std::string trace;               // GPU: Chrome trace of one step (CUPTI) to this file; "{rank}" per rank
+  int64_t trace_step = 0;          // the step train.trace records; 0 = the last step of the run
   bool deterministic = false;      // GPU: bit-identical runs (cuDNN's deterministic attention backward, ~15% slower)
   int64_t threads = 0;             // CPU threads; 0 = all cores up to 8
 };

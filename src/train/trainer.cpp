@@ -29,6 +29,7 @@
 #include "ops/cuda/attention.h"
 #include "ops/cuda/check.cuh"
 #include "ops/cuda/runtime.h"
+#include "train/cuda/step_trace.h"
 #else
 namespace mop {
 class GpuDecoder {};  // never constructed without the CUDA backend; complete for unique_ptr
@@ -103,6 +104,8 @@ Trainer::Trainer(Config cfg, TrainOptions opt) : cfg_(std::move(cfg)), opt_(std:
   if (!note.empty()) log("note: " + note);
   MOP_CHECK(device == "cuda" || cfg_.train.checkpointing != "selective",
             "train.checkpointing = 'selective' is implemented on the GPU only (use full on the CPU)");
+  MOP_CHECK(device == "cuda" || cfg_.train.trace.empty(),
+            "train.trace records GPU activity: it needs device = cuda (device resolved to {})", device);
   rank_ = detect_rank();
   threads_ = configure_threads(cfg_.train.threads, local_world_size(rank_));
   if (cfg_.run.memory_limit_gib > 0)
@@ -492,8 +495,21 @@ TrainResult Trainer::run() {
   std::vector<data::Batch> micro(size_t(tc.grad_accum));
   Timer wall;
   double train_time = 0;
+#ifdef MOP_HAVE_CUDA
+  // train.trace: one step's timeline, on rank 0 or, with "{rank}" in the path, on every rank.
+  const bool trace_here = !tc.trace.empty() && (rank_.rank == 0 || tc.trace.find("{rank}") != std::string::npos);
+  const int64_t trace_at = trace_here ? (tc.trace_step > 0 ? tc.trace_step : tc.steps) : -1;
+  StepTrace trace;
+#endif
 
   while (state_.step < tc.steps) {
+#ifdef MOP_HAVE_CUDA
+    const bool tracing = gpu_ && state_.step + 1 == trace_at;
+    if (tracing) {
+      gpu_->synchronize();  // the previous step's work stays out of the recording
+      trace.start();
+    }
+#endif
     Timer step_timer;
     const double lr = lr_at(state_.step, tc.steps, tc.warmup, tc.lr, tc.min_lr_ratio, tc.schedule);
 #ifdef MOP_HAVE_CUDA
@@ -533,6 +549,14 @@ TrainResult Trainer::run() {
     if (gpu_) gpu_->synchronize();  // the step's time includes its GPU work
 #endif
     const double dt = step_timer.seconds();
+#ifdef MOP_HAVE_CUDA
+    if (tracing) {
+      std::string path = tc.trace;
+      if (const size_t at = path.find("{rank}"); at != std::string::npos) path.replace(at, 6, std::to_string(rank_.rank));
+      const size_t n = trace.stop_and_write(path, fmt::format("rank {}", rank_.rank));
+      log(fmt::format("trace: step {}, {} events -> {} (open in ui.perfetto.dev)", state_.step, n, path));
+    }
+#endif
     res.step_seconds.push_back(dt);
     res.tokens_per_step = step_tokens;
     train_time += dt;

@@ -61,6 +61,9 @@ TEST(Config, BadValuesNameTheValues) {
   EXPECT_NE(err({"parallel.gpu_comm=mpi"}).find("parallel.gpu_comm must be 'nccl', 'host' or 'skip', got 'mpi'"),
             std::string::npos);
   EXPECT_NE(err({"trainlr"}).find("--set expects key=value"), std::string::npos);
+  EXPECT_NE(err({"train.trace=t.json", "train.steps=5", "train.trace_step=6"})
+                .find("train.trace_step = 6 is not a step of the run (1..train.steps = 5, or 0 for the last)"),
+            std::string::npos);
   std::string m = error_of([] { parse_config_text("[train\nlr=1", "bad.toml", {}); });
   EXPECT_NE(m.find("bad.toml: invalid TOML at line 1"), std::string::npos) << m;
 }

@@ -1,8 +1,14 @@
-// train.timing: the phases of a GPU step, measured with CUDA events, account for the step's time.
+// train.timing: the phases of a GPU step, measured with CUDA events, account for the step's time;
+// train.trace: one step's timeline.
+#include <nlohmann/json.hpp>
+
 #include <filesystem>
+#include <fstream>
 #include <map>
 
+#include "core/error.h"
 #include "cuda_check.h"
+#include "train/cuda/step_trace.h"
 #include "train/trainer.h"
 
 namespace fs = std::filesystem;
@@ -50,4 +56,55 @@ TEST(GpuTiming, PhasesAccountForTheStep) {
     std::printf("step %zu: wall %.2f ms, phases %.2f ms (forward %.2f, backward %.2f, update %.2f)\n", s + 1,
                 wall_ms, sum, ph["forward"], ph["backward"], ph["update"]);
   }
+}
+
+// train.trace: the chosen step's timeline, with the device's kernels (the optimizer's among them)
+// inside the step's wall time and the host's CUDA calls beside them. Without CUPTI in the build
+// the same request is a clear error, not an empty file.
+TEST(GpuTrace, TimelineOfOneStep) {
+  MOP_REQUIRE_GPU();
+  char tmpl[] = "/tmp/mop_gpu_trace_XXXXXX";
+  const fs::path dir = mkdtemp(tmpl);
+  const std::string path = (dir / "trace_{rank}.json").string();
+  if (!StepTrace::available()) {
+    try {
+      run_tiny({"train.steps=3", "train.trace=" + path, "train.trace_step=2"});
+      FAIL() << "train.trace ran without CUPTI";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("this build has no CUPTI"), std::string::npos) << e.what();
+    }
+    fs::remove_all(dir);
+    return;
+  }
+  const TrainResult r = run_tiny({"train.steps=3", "train.trace=" + path, "train.trace_step=2"});
+  std::ifstream f(dir / "trace_0.json");
+  ASSERT_TRUE(f) << "no trace written";
+  const nlohmann::json doc = nlohmann::json::parse(f);
+  size_t kernels = 0, runtime = 0, adamw = 0, syncs = 0;
+  double first = 1e300, last = 0;
+  for (const auto& e : doc.at("traceEvents")) {
+    if (e.at("ph") != "X") continue;
+    const std::string cat = e.at("cat"), name = e.at("name");
+    const double ts = e.at("ts"), dur = e.at("dur");
+    EXPECT_GE(ts, 0.0);
+    EXPECT_GE(dur, 0.0);
+    if (cat == "runtime") {
+      ++runtime;
+      syncs += name.find("Synchronize") != std::string::npos;
+      continue;
+    }
+    kernels += cat == "kernel";
+    adamw += name.find("adamw") != std::string::npos;
+    first = std::min(first, ts), last = std::max(last, ts + dur);
+  }
+  EXPECT_GT(kernels, 50u);
+  EXPECT_GT(adamw, 0u) << "the step's optimizer kernels";
+  EXPECT_GT(runtime, kernels) << "each launch is a runtime call";
+  EXPECT_GT(syncs, 0u);
+  EXPECT_EQ(doc.at("otherData").at("dropped_records"), 0);
+  // One step, not more: the device's activity fits in the step's wall time.
+  EXPECT_LE(last - first, 1e6 * r.step_seconds[1]) << "device span (us) against step 2's wall time";
+  std::printf("trace of step 2: %zu kernels, %zu runtime calls, device span %.2f ms, step %.2f ms\n", kernels, runtime,
+              (last - first) / 1e3, 1e3 * r.step_seconds[1]);
+  fs::remove_all(dir);
 }

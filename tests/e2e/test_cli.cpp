@@ -57,6 +57,11 @@ TEST(Cli, UnknownKeyIsOneClearError) {
   r = run("train --set model.top_k=20");
   EXPECT_EQ(r.code, 2);
   EXPECT_NE(r.out.find("model.top_k = 20 exceeds model.experts = 8"), std::string::npos) << r.out;
+  r = run("train --set device=cpu --set train.trace=t.json");
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.out.find("train.trace records GPU activity: it needs device = cuda (device resolved to cpu)"),
+            std::string::npos)
+      << r.out;
   r = run("train --config /nonexistent.toml");
   EXPECT_EQ(r.code, 2);
   EXPECT_NE(r.out.find("/nonexistent.toml"), std::string::npos) << r.out;
