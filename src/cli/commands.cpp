@@ -83,7 +83,13 @@ int bench(const BenchArgs& a) {
   Config cfg = load_config(a.config, parse_overrides(sets));
   Trainer t(cfg, TrainOptions{"", "", true, true});
   TrainResult r = t.run();
-  std::vector<double> times(r.step_seconds.begin() + a.warmup, r.step_seconds.end());
+  std::vector<double> times;
+  // A step recorded by train.trace runs slower (CUPTI logs every CUDA call): it is not timed.
+  const int64_t traced = cfg.train.trace.empty() ? 0 : cfg.train.trace_step > 0 ? cfg.train.trace_step : a.steps;
+  for (int64_t s = a.warmup; s < int64_t(r.step_seconds.size()); ++s)
+    if (s + 1 != traced) times.push_back(r.step_seconds[size_t(s)]);
+  MOP_CHECK(!times.empty(), "mop bench: no step left to time (--steps {}, --warmup {}, the traced step {})", a.steps,
+            a.warmup, traced);
   std::sort(times.begin(), times.end());
   const double median = times[times.size() / 2];
   const double tps = double(r.tokens_per_step) / double(r.world) / median;  // per rank (per GPU)
@@ -115,12 +121,14 @@ int bench(const BenchArgs& a) {
   // Each phase's median over the timed steps (train.timing; model/cuda/phase_timer.h).
   if (r.phase_ms.size() == r.step_seconds.size() && !r.phase_ms.empty()) {
     std::vector<std::pair<std::string, std::vector<double>>> ph;
-    for (size_t s = size_t(a.warmup); s < r.phase_ms.size(); ++s)
+    for (size_t s = size_t(a.warmup); s < r.phase_ms.size(); ++s) {
+      if (int64_t(s) + 1 == traced) continue;
       for (const auto& [name, ms] : r.phase_ms[s]) {
         auto it = std::find_if(ph.begin(), ph.end(), [&](const auto& p) { return p.first == name; });
         if (it == ph.end()) it = ph.insert(ph.end(), {name, {}});
         it->second.push_back(ms);
       }
+    }
     nlohmann::json pj = nlohmann::json::object();
     for (auto& [name, v] : ph) {
       std::sort(v.begin(), v.end());
