@@ -10,6 +10,8 @@
 # Exposed communication: the same mop spec again with +parallel.gpu_comm=skip (every device
 # collective skipped); 1 - (step time skipped / step time) is the exposed share of the step.
 # At the end, bench/summarize_gpus.py prints the runs as one table (ratios, exposed share, phases).
+# TRACE=1: each mop run also records its last step's timeline on every rank (train.trace, not
+# timed) to $OUT/<name>.rank<r>.json.gz; bench/probes/trace_gaps.py reads them.
 set -uo pipefail
 gpus=${1:?usage: run_gpus.sh NGPUS BUILD_DIR SPEC...}
 build=${2:?usage: run_gpus.sh NGPUS BUILD_DIR SPEC...}
@@ -26,16 +28,20 @@ for spec in "$@"; do
     sets=(--set model.preset="$preset" --set model.layers="$layers" --set train.seq_len="$seq"
           --set train.batch=$((batch * gpus)) --set device=cuda --set train.threads=8)
     for s in ${settings//+/ }; do sets+=(--set "$s"); done
+    [ "${TRACE:-0}" = 1 ] && sets+=(--set "train.trace=$out/$name.rank{rank}.json")
     timeout "$limit" "$build/mop" launch --nproc "$gpus" -- bench "${sets[@]}" --steps "$steps" --warmup "$warmup" \
       >"$out/$name.log" 2>&1
+    rc=$?
+    if [ "${TRACE:-0}" = 1 ]; then gzip -f "$out/$name".rank*.json 2>/dev/null; fi
   else
     flags=()
     for s in ${settings//+/ }; do flags+=(--"$s"); done
     timeout "$limit" torchrun --standalone --nproc_per_node "$gpus" bench/baselines/torch_fsdp2.py --preset "$preset" \
       --layers "$layers" --seq "$seq" --batch "$batch" --steps "$steps" --warmup "$warmup" "${flags[@]}" \
       >"$out/$name.log" 2>&1
+    rc=$?
   fi
-  echo "$name rc=$?"
+  echo "$name rc=$rc"
   grep -E '^\{' "$out/$name.log" | grep -v '"rank": *[1-9]' | head -1 | tee -a "$out/x$gpus.jsonl"
 done
 python3 "$(dirname "$0")/summarize_gpus.py" "$out/x$gpus.jsonl"

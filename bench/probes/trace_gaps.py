@@ -3,9 +3,10 @@
 # streams together) with what the host was doing. A gap whose next operation was launched after
 # the device went idle is the host's (a synchronisation, host work, launch overhead); one whose
 # next operation was already launched waited on the device itself (an event, another stream).
-#   python3 bench/probes/trace_gaps.py trace.json [--min-us 2] [--top 25]
+#   python3 bench/probes/trace_gaps.py trace.json[.gz] [--min-us 2] [--top 25]
 import argparse
 import bisect
+import gzip
 import json
 from collections import defaultdict
 
@@ -16,7 +17,8 @@ def main():
     ap.add_argument("--min-us", type=float, default=2.0, help="smallest gap listed or counted")
     ap.add_argument("--top", type=int, default=25)
     a = ap.parse_args()
-    events = [e for e in json.load(open(a.trace))["traceEvents"] if e.get("ph") == "X"]
+    with (gzip.open if a.trace.endswith(".gz") else open)(a.trace, "rt") as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
     dev = sorted((e for e in events if e["cat"] != "runtime"), key=lambda e: e["ts"])
     host = [e for e in events if e["cat"] == "runtime"]
     launch = {e["args"]["correlation"]: e for e in host}
