@@ -9,6 +9,7 @@
 
 #include "core/alloc.h"
 #include "model/cuda/gpu_decoder.h"
+#include "ops/cuda/pinned.h"
 #include "parallel/cuda/expert_exchange_gpu.h"
 #include "parallel/zero.h"
 
@@ -60,7 +61,7 @@ struct GpuDecoder::Acts {
     // Routing (always this layer's own).
     float *probs = nullptr, *w = nullptr;                                           // (N, E), (N, K)
     int32_t *idx = nullptr, *row = nullptr, *offsets = nullptr, *counts = nullptr;  // (N, K), (N K), (E + 1), (E)
-    float* lb = nullptr;                                                            // (1) load-balancing loss
+    float* lb = nullptr;  // (1) load-balancing loss; counts and lb live in the `stats` block
     std::vector<int32_t> offsets_host;                                              // (E + 1)
   };
 
@@ -92,6 +93,12 @@ struct GpuDecoder::Acts {
   __nv_bfloat16 *dlogits_bf = nullptr, *logits_chunk = nullptr;                 // (N, E), (R, V)
   float *dw = nullptr, *dprobs = nullptr, *dlogits = nullptr, *ce_loss = nullptr, *ce_lse = nullptr, *scratch = nullptr;
   int head_rows = 0;  // R: rows of logits alive at once
+  // The micro-batch's statistics, read back in one copy each: per layer l, its expert counts at
+  // stats + l * stats_stride and its load-balancing loss (a float) right after them.
+  int32_t* stats = nullptr;  // (L, stats_stride)
+  size_t stats_stride = 0;
+  PinnedHost<int32_t> stats_host;  // (L, stats_stride)
+  PinnedHost<float> loss_host;     // (N) per-token losses
   Buffer workspace;   // cuDNN, CUB; grown when an attention shape needs more
   size_t workspace_bytes = 0;
 

@@ -430,6 +430,11 @@ void GpuDecoder::ensure_acts(int N) {
   if (!keep_cheap) alloc_cheap(one, any_moe, any_dense);
   if (!keep_rest) alloc_rest(one, any_moe, any_dense);
   a.layers.resize(L);
+  // Counts then lb per layer, 256-byte aligned rows; zeros for dense layers.
+  a.stats_stride = (E + 1 + 63) / 64 * 64;
+  a.stats = a.alloc<int32_t>(L * a.stats_stride, A);
+  a.stats_host = PinnedHost<int32_t>(L * a.stats_stride);
+  a.loss_host = PinnedHost<float>(n);
   for (size_t l = 0; l < L; ++l) {
     Acts::Layer& y = a.layers[l];
     const bool moe = c_.is_moe_layer(int64_t(l));
@@ -445,8 +450,8 @@ void GpuDecoder::ensure_acts(int N) {
       y.gu = one.gu, y.sgu = one.sgu;
     if (moe) {
       y.probs = a.alloc<float>(n * E, A), y.w = a.alloc<float>(M, A), y.idx = a.alloc<int32_t>(M, A);
-      y.row = a.alloc<int32_t>(M, A), y.offsets = a.alloc<int32_t>(E + 1, A), y.counts = a.alloc<int32_t>(E, A);
-      y.lb = a.alloc<float>(1, A);
+      y.row = a.alloc<int32_t>(M, A), y.offsets = a.alloc<int32_t>(E + 1, A);
+      y.counts = a.stats + l * a.stats_stride, y.lb = reinterpret_cast<float*>(y.counts + E);
       y.offsets_host.assign(E + 1, 0);
     }
   }

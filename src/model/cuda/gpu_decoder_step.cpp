@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "model/cuda/gpu_acts.h"
 #include "model/cuda/gpu_decoder.h"
@@ -291,28 +292,29 @@ LossStats GpuDecoder::run(const TokenBatch& b, float ce_scale, float lb_scale, b
   if (!backward) mark("head");
   if (backward) expert_grads_stale_ = dw_overwrite_ = false;  // written by this backward
 
-  // Statistics back to the host (one synchronisation at the end of the micro-batch).
+  // Statistics back to the host: two asynchronous copies into page-locked memory, then the
+  // micro-batch's one synchronisation (a copy into pageable memory would wait for the stream
+  // each time).
   LossStats stats;
   stats.counts.assign(size_t(L) * E, 0);
-  std::vector<float> loss(has_targets ? size_t(N) : 0);
-  if (has_targets) MOP_CUDA_CHECK(cudaMemcpyAsync(loss.data(), a.ce_loss, size_t(N) * 4, cudaMemcpyDeviceToHost, st));
-  std::vector<float> lb(size_t(L), 0.f);
-  std::vector<int32_t> counts(size_t(L) * E, 0);
-  for (int l = 0; l < L; ++l) {
-    if (!c_.is_moe_layer(l)) continue;
-    auto& y = a.layers[size_t(l)];
-    MOP_CUDA_CHECK(cudaMemcpyAsync(&lb[size_t(l)], y.lb, 4, cudaMemcpyDeviceToHost, st));
-    MOP_CUDA_CHECK(cudaMemcpyAsync(&counts[size_t(l) * E], y.counts, size_t(E) * 4, cudaMemcpyDeviceToHost, st));
-  }
+  if (has_targets)
+    MOP_CUDA_CHECK(cudaMemcpyAsync(a.loss_host.data(), a.ce_loss, size_t(N) * 4, cudaMemcpyDeviceToHost, st));
+  MOP_CUDA_CHECK(cudaMemcpyAsync(a.stats_host.data(), a.stats, a.stats_host.size() * 4, cudaMemcpyDeviceToHost, st));
   wait_comm();
   MOP_CUDA_CHECK(cudaStreamSynchronize(st));
-  for (int i = 0; i < int(loss.size()); ++i) {
-    stats.ce_sum += double(loss[size_t(i)]);
+  for (int i = 0; has_targets && i < N; ++i) {
+    stats.ce_sum += double(a.loss_host.data()[i]);
     stats.ce_tokens += b.targets[i] >= 0;
   }
   const bool global_lb = comm_.world_host && comm_.world_host->size() > 1;
-  for (int l = 0; l < L; ++l) stats.lb_sum += global_lb ? lb_global_[size_t(l)] : double(lb[size_t(l)]);
-  for (size_t i = 0; i < counts.size(); ++i) stats.counts[i] = counts[i];
+  for (int l = 0; l < L; ++l) {
+    if (!c_.is_moe_layer(l)) continue;
+    const int32_t* row = a.stats_host.data() + size_t(l) * a.stats_stride;
+    float lb = 0.f;
+    std::memcpy(&lb, row + E, sizeof lb);
+    stats.lb_sum += global_lb ? lb_global_[size_t(l)] : double(lb);
+    std::copy(row, row + E, stats.counts.begin() + ptrdiff_t(l) * E);
+  }
   return stats;
 }
 

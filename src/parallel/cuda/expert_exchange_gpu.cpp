@@ -10,21 +10,6 @@
 
 namespace mop {
 
-PinnedInts::PinnedInts(size_t n) : n_(n) {
-  if (n > 0) MOP_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&p_), n * sizeof(int32_t)));
-}
-PinnedInts::~PinnedInts() {
-  if (p_) cudaFreeHost(p_);
-}
-PinnedInts& PinnedInts::operator=(PinnedInts&& o) noexcept {
-  if (this != &o) {
-    if (p_) cudaFreeHost(p_);
-    p_ = o.p_, n_ = o.n_;
-    o.p_ = nullptr, o.n_ = 0;
-  }
-  return *this;
-}
-
 void token_exchange_count(GpuTokenExchange& x, const int32_t* idx_NK, int N, int K, int E, int ep,
                           cudaStream_t stream) {
   if (x.tokens_host.size() != size_t(ep)) {
@@ -47,7 +32,7 @@ void token_exchange_plan(GpuTokenExchange& x, ProcessGroup& host_ep, const int32
   const size_t n_index = size_t(x.E) + p.local_offsets.size();
   if (x.index_host.size() != n_index) {
     x.index = Buffer(Device::cuda, Mem::comm, n_index * sizeof(int32_t));
-    x.index_host = PinnedInts(n_index);
+    x.index_host = PinnedHost<int32_t>(n_index);
   }
   std::memcpy(x.index_host.data(), p.dest_base.data(), p.dest_base.size() * sizeof(int32_t));
   std::memcpy(x.index_host.data() + x.E, p.local_offsets.data(), p.local_offsets.size() * sizeof(int32_t));

@@ -21,26 +21,11 @@
 #include <vector>
 
 #include "core/alloc.h"
+#include "ops/cuda/pinned.h"
 #include "parallel/cuda/device_group.h"
 #include "parallel/token_exchange.h"
 
 namespace mop {
-
-// Page-locked host ints: an upload from them is asynchronous (pageable copies may synchronise).
-class PinnedInts {
- public:
-  PinnedInts() = default;
-  explicit PinnedInts(size_t n);
-  ~PinnedInts();
-  PinnedInts(PinnedInts&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr, o.n_ = 0; }
-  PinnedInts& operator=(PinnedInts&& o) noexcept;
-  int32_t* data() const { return p_; }
-  size_t size() const { return n_; }
-
- private:
-  int32_t* p_ = nullptr;
-  size_t n_ = 0;
-};
 
 // One MoE layer's exchange: what its forward decides and its backward reuses.
 struct GpuTokenExchange {
@@ -49,7 +34,7 @@ struct GpuTokenExchange {
   Buffer tokens_ep;                  // (ep) int32: tokens this rank sends to each rank
   std::vector<int32_t> tokens_host;  // (ep) host copy
   Buffer index;                      // int32: dest_base (E), then local_offsets (El + 1)
-  PinnedInts index_host;             // its host side (written before each upload)
+  PinnedHost<int32_t> index_host;    // its host side (written before each upload)
   Buffer slot;                       // (N, ep) int32: each token's send row per rank, or -1
   Buffer pos, gate;                  // (Rt, K) int32, f32 received: each pair's expert-major row (or -1), gate
   size_t n_cap = 0, rt_cap = 0;      // tokens slot holds; received tokens pos and gate hold
