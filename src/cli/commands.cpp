@@ -74,8 +74,8 @@ int eval(const EvalArgs& a) {
 int bench(const BenchArgs& a) {
   MOP_CHECK(a.steps > a.warmup && a.warmup >= 0, "--steps ({}) must exceed --warmup ({})", a.steps, a.warmup);
   // Defaults the user's --set may override: phase timing, and the PyTorch baseline's optimizer
-  // settings (bench/baselines/torch_fsdp2.py: constant lr 3e-4), so loss_first/loss_last compare
-  // with its run (the training default, 3e-3 after 20 warmup steps, is for the tiny preset).
+  // settings (bench/baselines/torch_fsdp2.py: constant lr 3e-4; the training default, 3e-3 after 20
+  // warmup steps, is for the tiny preset). The data differ: the baseline repeats one random batch.
   std::vector<std::string> sets = {"train.timing=true", "train.lr=3e-4", "train.warmup=0", "train.schedule=constant"};
   sets.insert(sets.end(), a.sets.begin(), a.sets.end());
   for (const char* s : {"data.synthetic=true", "train.eval_every=0", "train.sample_tokens=0"}) sets.emplace_back(s);
@@ -85,7 +85,7 @@ int bench(const BenchArgs& a) {
   TrainResult r = t.run();
   std::vector<double> times;
   // A step recorded by train.trace runs slower (CUPTI logs every CUDA call): it is not timed.
-  const int64_t traced = cfg.train.trace.empty() ? 0 : cfg.train.trace_step > 0 ? cfg.train.trace_step : a.steps;
+  const int64_t traced = cfg.train.traced_step();
   for (int64_t s = a.warmup; s < int64_t(r.step_seconds.size()); ++s)
     if (s + 1 != traced) times.push_back(r.step_seconds[size_t(s)]);
   MOP_CHECK(!times.empty(), "mop bench: no step left to time (--steps {}, --warmup {}, the traced step {})", a.steps,

@@ -39,6 +39,8 @@ struct TrainConfig {
   bool timing = false;             // GPU: time the step's phases (CUDA events); metrics.jsonl's phase_ms
   std::string trace;               // GPU: Chrome trace of one step (CUPTI) to this file; "{rank}" per rank
   int64_t trace_step = 0;          // the step train.trace records; 0 = the last step of the run
+  // The step train.trace records (1-based), or 0 without a trace.
+  int64_t traced_step() const { return trace.empty() ? 0 : trace_step > 0 ? trace_step : steps; }
   bool deterministic = false;      // GPU: bit-identical runs (cuDNN's deterministic attention backward, ~15% slower)
   int64_t threads = 0;             // CPU threads; 0 = all cores up to 8
 };

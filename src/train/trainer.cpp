@@ -498,7 +498,7 @@ TrainResult Trainer::run() {
 #ifdef MOP_HAVE_CUDA
   // train.trace: one step's timeline, on rank 0 or, with "{rank}" in the path, on every rank.
   const bool trace_here = !tc.trace.empty() && (rank_.rank == 0 || tc.trace.find("{rank}") != std::string::npos);
-  const int64_t trace_at = trace_here ? (tc.trace_step > 0 ? tc.trace_step : tc.steps) : -1;
+  const int64_t trace_at = trace_here ? tc.traced_step() : -1;
   StepTrace trace;
   if (trace_here && trace_at <= state_.step)
     log(fmt::format("note: train.trace_step {} is before the resumed step {}: no trace", trace_at, state_.step + 1));

@@ -28,13 +28,6 @@ namespace mop {
 
 using bf16 = __nv_bfloat16;
 
-namespace {
-// Columns [col, col + width) of each of N rows of `stride` elements, to/from a contiguous (N, width).
-void copy_cols(bf16* dst, size_t dst_stride, const bf16* src, size_t src_stride, int N, size_t width, cudaStream_t s) {
-  cuda::copy_rows_bf16(dst, dst_stride, src, src_stride, size_t(N), width, s);
-}
-}  // namespace
-
 LossStats GpuDecoder::forward_backward(const TokenBatch& b, float ce_scale, float lb_scale) {
   return run(b, ce_scale, lb_scale, true);
 }
@@ -59,9 +52,10 @@ void GpuDecoder::layer_forward(int l, bool recompute) {
   cuda::rmsnorm_forward(y.h1, y.rstd1, x, w.ln1, N, D, eps, st);
   if (heavy) {
     cuda::matmul_forward(a.qkv, y.h1, w.wqkv, N, D, O, st);
-    copy_cols(y.q_raw, Q, a.qkv, O, N, Q, st);
-    copy_cols(y.k_raw, KD, a.qkv + Q, O, N, KD, st);
-    copy_cols(y.v, KD, a.qkv + Q + KD, O, N, KD, st);
+    // The fused product's column blocks into contiguous q, k, v (the attention backward's inputs).
+    cuda::copy_rows_bf16(y.q_raw, Q, a.qkv, O, size_t(N), Q, st);
+    cuda::copy_rows_bf16(y.k_raw, KD, a.qkv + Q, O, size_t(N), KD, st);
+    cuda::copy_rows_bf16(y.v, KD, a.qkv + Q + KD, O, size_t(N), KD, st);
   }
   cuda::qk_norm_rope_forward(y.q, c_.qk_norm ? y.rstd_q : nullptr, y.q_raw, w.q_norm, a.positions, N, H, hd, Q, eps,
                              c_.rope_theta, st);
@@ -228,9 +222,9 @@ void GpuDecoder::layer_backward(int l, const LayerView<G>& g, float lb_scale) {
                               N, H, hd, Q, c_.rope_theta, scratch, st);
   cuda::qk_norm_rope_backward(a.dkr, g.k_norm, a.dk, y.k_raw, w.k_norm, c_.qk_norm ? y.rstd_k : nullptr, a.positions, N,
                               KV, hd, KD, c_.rope_theta, scratch, st);
-  copy_cols(a.dqkv, O, a.datt, Q, N, Q, st);
-  copy_cols(a.dqkv + Q, O, a.dkr, KD, N, KD, st);
-  copy_cols(a.dqkv + Q + KD, O, a.dv, KD, N, KD, st);
+  cuda::copy_rows_bf16(a.dqkv, O, a.datt, Q, size_t(N), Q, st);
+  cuda::copy_rows_bf16(a.dqkv + Q, O, a.dkr, KD, size_t(N), KD, st);
+  cuda::copy_rows_bf16(a.dqkv + Q + KD, O, a.dv, KD, size_t(N), KD, st);
   cuda::matmul_backward(a.dh, g.wqkv, a.dqkv, y.h1, w.wqkv, N, D, O, st);
   cuda::rmsnorm_backward(a.dx, g.ln1, a.dh, x, w.ln1, y.rstd1, N, D, scratch, st);
   cuda::add_bf16(a.dx, a.dx, a.dx2, size_t(N) * D, st);

@@ -300,10 +300,6 @@ size_t repack_bytes(const Key& k, int N, int qrs, int kvrs) {
   return align_up(size_t(N) * k.qrs * 2) + 2 * align_up(size_t(N) * k.kvrs * 2);
 }
 
-void gather_rows(const __nv_bfloat16* src, int src_stride, __nv_bfloat16* dst, int width, int N, cudaStream_t stream) {
-  copy_rows_bf16(dst, size_t(width), src, size_t(src_stride), size_t(N), size_t(width), stream);
-}
-
 void check_aligned(const char* what, std::initializer_list<const void*> ptrs) {
   for (const void* p : ptrs)
     MOP_CHECK(p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 == 0, "{}: pointer {} is not 16-byte aligned",
@@ -430,9 +426,9 @@ void attention_backward(__nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv,
     auto* qc = reinterpret_cast<__nv_bfloat16*>(copies);
     auto* kc = reinterpret_cast<__nv_bfloat16*>(copies + align_up(size_t(N) * key.qrs * 2));
     auto* vc = reinterpret_cast<__nv_bfloat16*>(reinterpret_cast<char*>(kc) + align_up(size_t(N) * key.kvrs * 2));
-    gather_rows(q, q_row_stride, qc, key.qrs, N, stream);
-    gather_rows(k, kv_row_stride, kc, key.kvrs, N, stream);
-    gather_rows(v, kv_row_stride, vc, key.kvrs, N, stream);
+    copy_rows_bf16(qc, size_t(key.qrs), q, size_t(q_row_stride), size_t(N), size_t(key.qrs), stream);
+    copy_rows_bf16(kc, size_t(key.kvrs), k, size_t(kv_row_stride), size_t(N), size_t(key.kvrs), stream);
+    copy_rows_bf16(vc, size_t(key.kvrs), v, size_t(kv_row_stride), size_t(N), size_t(key.kvrs), stream);
     pack[Q] = qc, pack[K] = kc, pack[V] = vc;
   }
   execute(key, e, pack, copies + repack, handle);
