@@ -20,10 +20,11 @@ struct MopResult {
   double seconds = 0;  // wall time
 };
 
-inline MopResult run_mop(const std::string& args) {
+// env: assignments put before the command ("NAME=value ..."), for this run only.
+inline MopResult run_mop(const std::string& args, const std::string& env = "") {
   const char* bin = std::getenv("MOP_BIN");
   const auto t0 = std::chrono::steady_clock::now();
-  FILE* p = popen((std::string(bin ? bin : "mop") + " " + args + " 2>&1").c_str(), "r");
+  FILE* p = popen((env + (env.empty() ? "" : " ") + std::string(bin ? bin : "mop") + " " + args + " 2>&1").c_str(), "r");
   std::string out;
   char buf[4096];
   size_t n;

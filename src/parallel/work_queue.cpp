@@ -31,6 +31,13 @@ WorkQueue::~WorkQueue() {
 std::unique_ptr<Work> WorkQueue::push(std::function<void()> fn) {
   Task task{std::move(fn), {}};
   auto work = std::make_unique<QueuedWork>(task.done.get_future().share());
+  enqueue(std::move(task));
+  return work;
+}
+
+void WorkQueue::post(std::function<void()> fn) { enqueue(Task{std::move(fn), {}}); }
+
+void WorkQueue::enqueue(Task task) {
   {
     std::lock_guard lk(mu_);
     tasks_.push_back(std::move(task));
@@ -38,7 +45,6 @@ std::unique_ptr<Work> WorkQueue::push(std::function<void()> fn) {
     if (!worker_.joinable()) worker_ = std::thread([this] { loop(); });
   }
   cv_.notify_one();
-  return work;
 }
 
 void WorkQueue::drain() {

@@ -29,6 +29,9 @@ class WorkQueue {
   // Queues fn; the Work's wait() rethrows whatever fn threw.
   std::unique_ptr<Work> push(std::function<void()> fn);
 
+  // Queues fn with no Work to wait on: fn reports its own errors (it must not throw).
+  void post(std::function<void()> fn);
+
   // Returns once everything pushed so far has finished (errors stay with their Work).
   void drain();
 
@@ -37,6 +40,7 @@ class WorkQueue {
     std::function<void()> fn;
     std::promise<void> done;
   };
+  void enqueue(Task task);
   void loop();
 
   std::mutex mu_;

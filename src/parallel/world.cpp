@@ -94,6 +94,8 @@ Groups make_groups(const RankInfo& r, int ep, std::chrono::milliseconds timeout)
   MOP_CHECK(timeout.count() > 0, "make_groups: timeout must be positive, got {} ms",
             timeout.count());
   Groups g;
+  g.layout = l;
+  g.rank = r.rank;
   if (r.world == 1) {
     g.world = std::make_unique<SoloGroup>("world");
     g.ep = std::make_unique<SoloGroup>("ep0");
@@ -101,8 +103,9 @@ Groups make_groups(const RankInfo& r, int ep, std::chrono::milliseconds timeout)
     return g;
   }
 #ifdef MOP_HAVE_GLOO
-  Rendezvous rv = open_rendezvous(r, timeout);
-  g.store = rv.store;
+  auto kept = std::make_shared<Rendezvous>(open_rendezvous(r, timeout));
+  const Rendezvous& rv = *kept;
+  g.store = kept;
   std::vector<int> all(size_t(r.world));
   for (int i = 0; i < r.world; ++i) all[size_t(i)] = i;
   // Same order on every rank; each rendezvous waits only on its own members, who reach it
@@ -116,6 +119,26 @@ Groups make_groups(const RankInfo& r, int ep, std::chrono::milliseconds timeout)
   (void)l;
   MOP_FAIL("rank {} of {}: this build has no Gloo, so it cannot run more than one rank", r.rank,
            r.world);
+#endif
+}
+
+std::unique_ptr<ProcessGroup> Groups::twin(const ProcessGroup& of, const std::string& tag) const {
+  const std::string name = of.name() + "." + tag;
+  if (of.size() == 1) return std::make_unique<SoloGroup>(name);
+#ifdef MOP_HAVE_GLOO
+  MOP_CHECK(store, "Groups::twin: no rendezvous (a world of 1 has only groups of size 1)");
+  std::vector<int> ranks;
+  if (&of == world.get()) {
+    for (int i = 0; i < of.size(); ++i) ranks.push_back(i);
+  } else if (&of == ep.get()) {
+    ranks = layout.ep_ranks;
+  } else {
+    MOP_CHECK(&of == edp.get(), "Groups::twin: '{}' is not one of this rank's groups", of.name());
+    ranks = layout.edp_ranks;
+  }
+  return make_group(*std::static_pointer_cast<Rendezvous>(store), name, ranks, rank);
+#else
+  MOP_FAIL("Groups::twin: this build has no Gloo");
 #endif
 }
 

@@ -21,6 +21,7 @@
 #pragma once
 #include <chrono>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "parallel/launch.h"
@@ -38,8 +39,11 @@ struct GroupLayout {
 GroupLayout group_layout(int rank, int world, int ep);
 
 struct Groups {
-  // Declared first so it is destroyed last. Rank 0's TcpStore is the rendezvous server.
+  // Declared first so it is destroyed last: the rendezvous (its store and the listening options,
+  // kept for twin()). Rank 0's TcpStore is the rendezvous server. Null for a world of 1.
   std::shared_ptr<void> store;
+  GroupLayout layout;  // this rank's place in the (world/ep, ep) grid
+  int rank = 0;        // this rank in the world
   std::unique_ptr<ProcessGroup> world;  // data parallel: all ranks
   std::unique_ptr<ProcessGroup> ep;     // experts partitioned over it
   std::unique_ptr<ProcessGroup> edp;    // replicas of this rank's experts
@@ -50,6 +54,12 @@ struct Groups {
   int ep_rank() const { return ep->rank(); }
   int edp_size() const { return edp->size(); }
   int edp_rank() const { return edp->rank(); }
+
+  // Another host group over the ranks of `of` (world, ep or edp above), with its own connections
+  // under the prefix "<of's name>.<tag>": for a user on another thread, since a group serves one
+  // thread at a time (process_group.h). Collective over those ranks, which must ask for the same
+  // twins in the same order. A group of size 1 gets a SoloGroup.
+  std::unique_ptr<ProcessGroup> twin(const ProcessGroup& of, const std::string& tag) const;
 };
 
 // Connects this rank's three groups (blocking until every rank has). `timeout` bounds the

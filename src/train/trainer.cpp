@@ -253,7 +253,9 @@ void Trainer::setup_gpu_comm() {
   // its compute stream.
   auto make = [&](ProcessGroup& host, const char* name, cudaStream_t stream) -> std::unique_ptr<DeviceGroup> {
     if (host.size() == 1) return nullptr;
-    if (staged) return std::make_unique<StagedGroup>(host, device, stream, name);
+    if (staged)  // on its own host group: its worker thread runs the collectives
+      return std::make_unique<StagedGroup>(groups_->twin(host, "staged"), device, stream, name,
+                                           std::chrono::milliseconds(int64_t(cfg_.parallel.timeout_s * 1000)));
     if (skip) return std::make_unique<SkipGroup>(host.rank(), host.size(), device, stream, name);
 #ifdef MOP_HAVE_NCCL
     NcclOptions o;

@@ -11,6 +11,8 @@
 //   * a zero 3 checkpoint resumes bit-identically on the same layout and resumes on another one.
 //   * a sigmoid router's bias survives a sharded resume.
 //   * with ep = 2, selective recompute gives the losses of none bit for bit.
+//   * collectives that complete late (the staged group is asynchronous like NCCL, and can be made
+//     slower) change no bit: every kernel waits for the collectives it depends on.
 //   * parallel.gpu_comm = skip runs.
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -42,13 +44,15 @@ struct SharedGpu : ::testing::Test {
     if (!dir.empty()) fs::remove_all(dir);
   }
   // Trains and returns the per-step losses (empty on failure, with the output printed).
-  std::vector<double> train(const std::string& name, int ranks, const std::string& sets, int steps = 12) {
+  std::vector<double> train(const std::string& name, int ranks, const std::string& sets, int steps = 12,
+                            const std::string& env = "") {
     const std::string args =
         "train --set device=cuda --set train.sample_tokens=0 --set train.log_every=100 --set train.eval_every=0 "
         "--set train.deterministic=true --set data.builtin_docs=400 --set parallel.gpu_comm=host "
         "--set train.steps=" +
         std::to_string(steps) + " " + sets + " --set run.dir=" + (dir / name).string();
-    const mop::test::MopResult r = run_mop(ranks > 1 ? "launch --nproc " + std::to_string(ranks) + " -- " + args : args);
+    const mop::test::MopResult r =
+        run_mop(ranks > 1 ? "launch --nproc " + std::to_string(ranks) + " -- " + args : args, env);
     EXPECT_EQ(r.code, 0) << name << ":\n" << r.out;
     if (r.code != 0) return {};
     return metric_losses(dir / name);
@@ -141,6 +145,22 @@ TEST_F(SharedGpu, RouterBiasSurvivesShardedResume) {
   const std::vector<double> resumed = train("resumed", 2, base + "--resume " + ck.string(), 8);
   ASSERT_EQ(resumed.size(), 4u);
   for (size_t i = 0; i < 4; ++i) EXPECT_EQ(resumed[i], full[4 + i]) << "step " << 5 + i;
+}
+
+// The staged collectives complete late on purpose (MOP_STAGED_LAG_US): a compute kernel that reads
+// a gather's output, or overwrites a reduction's input, without waiting for the collective's event
+// would then read or send other bits. Every layout of the comm stream's overlap (zero 2 and 3:
+// gradient slots reduced during backward, weight slots gathered one layer ahead, post-update
+// gathers overlapping the next forward) and the expert exchange must give the same bits.
+TEST_F(SharedGpu, LateCollectivesChangeNothing) {
+  for (const char* layout : {"--set train.grad_accum=1 --set parallel.zero=3 --set parallel.ep=2",
+                             "--set train.grad_accum=1 --set parallel.zero=2",
+                             "--set train.grad_accum=2 --set parallel.zero=1 --set parallel.ep=2"}) {
+    const std::vector<double> ref = train("prompt", 2, layout, 6);
+    ASSERT_EQ(ref.size(), 6u) << layout;
+    expect_same(train("late", 2, layout, 6, "MOP_STAGED_LAG_US=3000"), ref, std::string(layout) + ", late");
+    fs::remove_all(dir);
+  }
 }
 
 // parallel.gpu_comm = skip (timing the step without communication) runs the same layouts; its
