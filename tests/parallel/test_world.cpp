@@ -4,7 +4,9 @@
 
 #include <filesystem>
 #include <numeric>
+#include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "parallel/launch.h"
@@ -87,6 +89,19 @@ TEST_P(MakeGroups, World4OverTcpStore) {
     // The ep groups run independently: interleave them with the edp groups.
     check_group(*g.edp, l.edp_ranks, r);
     check_group(*g.ep, l.ep_ranks, r);
+    // Twins: the same members, their own connections, usable from another thread while this one
+    // runs the originals.
+    std::unique_ptr<ProcessGroup> tw = g.twin(*g.world, "t"), te = g.twin(*g.ep, "t"), td = g.twin(*g.edp, "t");
+    EXPECT_EQ(tw->name(), "world.t");
+    EXPECT_EQ(te->name(), g.ep->name() + ".t");
+    std::thread other([&] {
+      check_group(*tw, all, r);
+      check_group(*te, l.ep_ranks, r);
+      check_group(*td, l.edp_ranks, r);
+    });
+    check_group(*g.world, all, r);
+    check_group(*g.ep, l.ep_ranks, r);
+    other.join();
   });
 }
 
