@@ -8,7 +8,7 @@ and the plain PyTorch LM head + cross-entropy (time and extra memory) next to it
 Timing as mop's event timer: warm-up, then the median of per-call event samples, the L2 flushed
 (256 MiB memset) before each sample.
 
-  python3 bench/torch_ops_ref.py [--out FILE.jsonl]
+  python3 bench/torch_ops_ref.py [--out FILE.jsonl] [--only copy,attention,grouped,head]
 """
 import argparse
 import json
@@ -137,10 +137,17 @@ def head():
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "torch_ops_ref.jsonl"))
+    steps = {"copy": [copy_ceiling], "attention": [lambda: attention(128), lambda: attention(64)],
+             "grouped": [grouped], "head": [head]}
+    ap.add_argument("--only", default="", help="comma-separated: " + ", ".join(steps) + " (default: all)")
     args = ap.parse_args()
+    only = [w for w in args.only.split(",") if w] or list(steps)
+    for w in only:
+        if w not in steps:
+            ap.error(f"--only: unknown group '{w}'; groups: {', '.join(steps)}")
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} cuDNN {torch.backends.cudnn.version()}",
           flush=True)
-    for step in (copy_ceiling, lambda: attention(128), lambda: attention(64), grouped, head):
+    for step in [f for w in only for f in steps[w]]:
         try:
             step()
         except Exception as e:  # one failed reference must not lose the others

@@ -40,6 +40,9 @@ int main(int argc, char** argv) {
   bench_ops->add_option("--seq", oa.seq, "tokens per sequence (default 4096)");
   bench_ops->add_option("--batch", oa.batch, "sequences (default: 4 for moe-1b, 2 otherwise)");
   bench_ops->add_option("--json", oa.json, "also write one JSON object per kernel, one per line, to this file");
+  bench_ops->add_option("--only", oa.only,
+                        "time only these case groups, comma-separated: memory, gemm, grouped, attention, head "
+                        "(the ceilings always run)");
 
   int nproc = 1;
   auto* launch = app.add_subcommand("launch", "start N local ranks: mop launch --nproc N -- <subcommand ...>");

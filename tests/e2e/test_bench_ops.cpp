@@ -58,13 +58,16 @@ TEST(BenchOps, ArgumentsAreCheckedBeforeTheDevice) {
   r = run("bench ops --seq 0");
   EXPECT_EQ(r.code, 2) << r.out;
   EXPECT_NE(r.out.find("must be positive"), std::string::npos) << r.out;
+  r = run("bench ops --only grouped,atention");
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("--only: unknown group 'atention' (did you mean 'attention'?)"), std::string::npos) << r.out;
 }
 
 TEST(BenchOps, FlagSetsAreFrozen) {
   // `mop bench ops` adds a subcommand; the end-to-end `mop bench` keeps its flags.
   Result r = run("bench ops --help");
   EXPECT_EQ(r.code, 0) << r.out;
-  EXPECT_EQ(flags_of(r.out), (std::set<std::string>{"--batch", "--help", "--json", "--preset", "--seq"})) << r.out;
+  EXPECT_EQ(flags_of(r.out), (std::set<std::string>{"--batch", "--help", "--json", "--only", "--preset", "--seq"})) << r.out;
   r = run("bench --help");
   EXPECT_EQ(r.code, 0) << r.out;
   EXPECT_EQ(flags_of(r.out), (std::set<std::string>{"--config", "--help", "--set", "--steps", "--warmup"})) << r.out;

@@ -5,6 +5,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace mop::bench {
 
@@ -13,7 +14,13 @@ struct OpsBenchOptions {
   int64_t seq = 4096;  // tokens per sequence (the attention's causal length)
   int64_t batch = 0;   // sequences; 0: the preset's benchmark batch (moe-1b 4, others 2)
   std::string json;    // one JSON object per kernel, one per line ("" = none)
+  std::string only;    // comma-separated case groups to time (ops_group_names()); "" = all
 };
+
+// The case groups, in the order they run (the ceilings always run first).
+const std::vector<std::string>& ops_group_names();
+// Whether resolved options time group `g`.
+bool ops_runs_group(const OpsBenchOptions& o, const std::string& g);
 
 // Resolves the defaults and validates (unknown preset, sizes) without touching a GPU.
 OpsBenchOptions resolve_ops_options(const OpsBenchOptions& o);

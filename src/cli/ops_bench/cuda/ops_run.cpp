@@ -91,11 +91,11 @@ int run_ops_cases(const OpsBenchOptions& o) {
       c.expert_ffn, c.vocab_size, o.seq, o.batch, x.N, cuda::grouped_gemm_backend());
   std::fflush(stdout);
   measure_ceilings(x);
-  bench_memory_ops(x);
-  bench_gemms(x);
-  bench_grouped(x);
-  bench_attention(x);
-  bench_head(x);
+  if (ops_runs_group(o, "memory")) bench_memory_ops(x);
+  if (ops_runs_group(o, "gemm")) bench_gemms(x);
+  if (ops_runs_group(o, "grouped")) bench_grouped(x);
+  if (ops_runs_group(o, "attention")) bench_attention(x);
+  if (ops_runs_group(o, "head")) bench_head(x);
   MOP_CUDA_CHECK(cudaStreamSynchronize(x.st));
   print_table(x);
   if (!o.json.empty()) write_json(x, o.json);
