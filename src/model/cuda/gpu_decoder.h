@@ -161,7 +161,8 @@ class GpuDecoder final : public ShardedState {
   void build_units();
   void acquire_layer(int l, bool backward);  // before the layer's forward / recompute / backward
   void release_layer(int l, bool backward);  // after them: starts the gradient reduction, frees slots
-  void acquire_outer();                      // before a micro-batch: embed and head complete
+  void acquire_outer();                      // before a micro-batch: the embedding complete
+  void gather_layer_slot(int k);             // stage 3: layer k's weights into its slot (if not there)
   void wait_gathered(int unit);
   void head_grads_done();                    // after the head's backward (bf16: final norm cast)
   void embed_grads_done();

@@ -264,6 +264,7 @@ LossStats GpuDecoder::run(const TokenBatch& b, float ce_scale, float lb_scale, b
     release_layer(l, /*backward=*/false);
   }
   mark("forward");
+  wait_gathered(head_unit_);  // its post-update gather ran behind the layers' on the comm stream
   const bool has_targets = b.targets != nullptr;
   if (!backward) {
     head<float>(nullptr, has_targets, 0.f);

@@ -153,10 +153,7 @@ void GpuDecoder::wait_gathered(int i) {
   units_[size_t(i)].gathering = false;
 }
 
-void GpuDecoder::acquire_outer() {
-  wait_gathered(embed_unit_);
-  wait_gathered(head_unit_);
-}
+void GpuDecoder::acquire_outer() { wait_gathered(embed_unit_); }  // the head waits for its own, at head()
 
 void GpuDecoder::gather_unit(Unit& u, int slot) {
   // The comm stream waits for the slot's last reader (its free event), then gathers into it.
@@ -165,23 +162,27 @@ void GpuDecoder::gather_unit(Unit& u, int slot) {
   bind_unit(w_, u, dst);
 }
 
+// Stage 3: layer k's slotted weights into slot k & 1 on the comm stream, after the slot's last
+// reader (its free event), unless the slot holds them already.
+void GpuDecoder::gather_layer_slot(int k) {
+  if (k < 0 || k >= int(c_.layers)) return;
+  const int ks = k & 1;
+  if (w_slot_layer_[ks] == k) return;
+  MOP_CUDA_CHECK(cudaStreamWaitEvent(comm_stream_, w_slot_free_[ks], 0));
+  for (int i : {layer_unit_[size_t(k)], expert_unit_[size_t(k)]})
+    if (i >= 0 && units_[size_t(i)].w_slot) gather_unit(units_[size_t(i)], ks);
+  MOP_CUDA_CHECK(cudaEventRecord(w_slot_ready_[ks], comm_stream_));
+  w_slot_layer_[ks] = k;
+}
+
 void GpuDecoder::acquire_layer(int l, bool backward) {
   const int s = l & 1;
   wait_gathered(layer_unit_[size_t(l)]);
   wait_gathered(expert_unit_[size_t(l)]);
   if (opt_.zero == 3 && w_slots_.data()) {
     // This layer (gathered already, or now), then the next one in the walk into the other slot.
-    for (int k : {l, backward ? l - 1 : l + 1}) {
-      if (k < 0 || k >= int(c_.layers)) continue;
-      const int ks = k & 1;
-      if (w_slot_layer_[ks] != k) {
-        MOP_CUDA_CHECK(cudaStreamWaitEvent(comm_stream_, w_slot_free_[ks], 0));
-        for (int i : {layer_unit_[size_t(k)], expert_unit_[size_t(k)]})
-          if (i >= 0 && units_[size_t(i)].w_slot) gather_unit(units_[size_t(i)], ks);
-        MOP_CUDA_CHECK(cudaEventRecord(w_slot_ready_[ks], comm_stream_));
-        w_slot_layer_[ks] = k;
-      }
-    }
+    gather_layer_slot(l);
+    gather_layer_slot(backward ? l - 1 : l + 1);
     // The views point at the slot of l (gather_unit may have bound the next layer's meanwhile).
     for (int i : {layer_unit_[size_t(l)], expert_unit_[size_t(l)]})
       if (i >= 0 && units_[size_t(i)].w_slot)
@@ -272,18 +273,25 @@ void GpuDecoder::wait_reductions() {
 
 // zero >= 1: the updated chunks of the whole-weight units back to every rank of their group (in
 // place), each waited for just before its unit is used next; slotted units are gathered on use.
+// In the order the next forward needs them: the embedding, then (stage 3) the first two layers'
+// slots, then the rest, the head last (the comm stream runs them in this order).
 void GpuDecoder::gather_after_step() {
   w_slot_layer_[0] = w_slot_layer_[1] = -1;  // the slots hold the old weights
   if (opt_.zero == 0) return;
   MOP_CUDA_CHECK(cudaEventRecord(compute_mark_, stream_));
   MOP_CUDA_CHECK(cudaStreamWaitEvent(comm_stream_, compute_mark_, 0));
-  for (Unit& u : units_) {
-    if (u.wbegin == Unit::none || !u.sharded()) continue;
+  auto gather_whole = [&](Unit& u) {
+    if (u.wbegin == Unit::none || !u.sharded()) return;
     bf16* whole = hi_.as<bf16>() + u.wbegin;
     gather_last_ = u.group->all_gather_async(whole + u.shard_begin, size_t(u.chunk), whole, DType::bf16);
     MOP_CUDA_CHECK(cudaEventRecord(u.ready, comm_stream_));
     u.gathering = true;
-  }
+  };
+  if (embed_unit_ >= 0) gather_whole(units_[size_t(embed_unit_)]);
+  if (opt_.zero == 3 && w_slots_.data()) gather_layer_slot(0), gather_layer_slot(1);
+  for (size_t i = 0; i < units_.size(); ++i)
+    if (int(i) != embed_unit_ && int(i) != head_unit_) gather_whole(units_[i]);
+  if (head_unit_ >= 0) gather_whole(units_[size_t(head_unit_)]);
 }
 
 // Squared gradient norm over all ranks, every element once.
