@@ -5,7 +5,9 @@ shape (layers, sequence length, batch per GPU) and to its own twin with parallel
   python3 bench/summarize_gpus.py OUT/x2.jsonl [...]
 
 ratio: mop's tokens/s per GPU over the baseline's. exposed: the share of mop's step that the
-communication adds, 1 - (skipped step / step). The phases are the compute stream's medians
+communication adds, 1 - (skipped step / step). With expert parallelism the skipped run is not the same
+computation (the rows a rank gets back are the ones it sent, so later layers route differently), so
+read the ep_exchange phase against the skipped run's instead (bench/results/2026-11-29-h200x2.md). The phases are the compute stream's medians
 (train.timing): where the step went, the expert exchange and the ZeRO waits included."""
 import json
 import sys
@@ -32,9 +34,11 @@ def layout(r):
 
 def main(paths):
     runs = list(rows(paths))
-    torch = {shape(r): r for r in runs if r.get("impl", "").startswith("torch") and "tokens_per_s_per_gpu" in r}
+    # Runs from several calls in one file carry a "call" field: each run pairs with its own call's.
+    torch = {(shape(r), r.get("call")): r for r in runs
+             if r.get("impl", "").startswith("torch") and "tokens_per_s_per_gpu" in r}
     mop = [r for r in runs if r.get("impl") == "mop" and "tokens_per_s" in r]
-    skipped = {(shape(r), layout(r)): r for r in mop if r.get("gpu_comm") == "skip"}
+    skipped = {(shape(r), layout(r), r.get("call")): r for r in mop if r.get("gpu_comm") == "skip"}
     print("| run | GPUs | layers | seq x batch/GPU | tok/s/GPU | MFU | peak GiB | vs baseline | exposed comm | top phases (ms) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in mop + [t for t in torch.values()]:
@@ -44,10 +48,10 @@ def main(paths):
         ratio = exposed = phases = ""
         if is_mop:
             name = f"mop {layout(r)}" + (", comm skipped" if r.get("gpu_comm") == "skip" else "")
-            base = torch.get(sh)
+            base = torch.get((sh, r.get("call")))
             if base and r.get("gpu_comm") != "skip":  # a skipped run's numbers are not a result
                 ratio = f"{tps / base['tokens_per_s_per_gpu']:.2f}x"
-            twin = skipped.get((sh, layout(r)))
+            twin = skipped.get((sh, layout(r), r.get("call")))
             if twin is not None and twin is not r and r.get("gpu_comm") != "skip":
                 exposed = f"{100 * (1 - twin['step_s_median'] / r['step_s_median']):.1f}%"
             ph = sorted(r.get("phase_ms_median", {}).items(), key=lambda kv: -kv[1])[:5]
