@@ -64,7 +64,7 @@ struct Groups {
 
 // Connects this rank's three groups (blocking until every rank has). `timeout` bounds the
 // rendezvous and every later operation on the groups. Ends with a world barrier, so every
-// rank has finished its rendezvous before any returns (rank 0 may then drop the store).
+// rank has finished its rendezvous before any returns. The store stays open (Groups::store) for twin().
 Groups make_groups(const RankInfo& r, int ep, std::chrono::milliseconds timeout);
 
 }  // namespace mop

@@ -25,8 +25,6 @@ HostCounter::~HostCounter() {
 
 void HostCounter::store(uint32_t v) { __atomic_store_n(host_, v, __ATOMIC_RELEASE); }
 
-uint32_t HostCounter::load() const { return __atomic_load_n(host_, __ATOMIC_ACQUIRE); }
-
 void HostCounter::stream_wait(uint32_t target, cudaStream_t stream) const {
   wait_counter_kernel<<<1, 1, 0, stream>>>(dev_, target);
   MOP_CUDA_CHECK(cudaGetLastError());

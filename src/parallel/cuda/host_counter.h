@@ -17,7 +17,6 @@ class HostCounter {
 
   // Host: publishes `v` (after every host write made before it, e.g. a result to copy).
   void store(uint32_t v);
-  uint32_t load() const;
   // Enqueues on `stream` a wait until the counter is at least `target` (a one-thread kernel that
   // polls the mapped memory; later work on the stream starts after it).
   void stream_wait(uint32_t target, cudaStream_t stream) const;
