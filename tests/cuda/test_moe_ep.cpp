@@ -96,6 +96,12 @@ void run_case(int P, int E, int K, int D, const std::vector<int>& Ns) {
     }
     for (int e = 0; e < E; ++e) counts[size_t(s) * (E + P) + e] = r.offsets[size_t(e) + 1] - r.offsets[size_t(e)];
     for (int q = 0; q < P; ++q) counts[size_t(s) * (E + P) + E + q] = dev[size_t(s)].tokens[size_t(q)];
+    // The same row made on the device (what the exchange all-gathers there).
+    DeviceArray<int32_t> d_off(r.offsets);
+    DeviceArray<int64_t> d_row(size_t(E + P));
+    cuda::moe_ep_plan_row(d_row.data(), d_off.data(), d_tok.data(), E, P, nullptr);
+    const std::vector<int64_t> row = d_row.download();
+    for (int i = 0; i < E + P; ++i) ASSERT_EQ(row[size_t(i)], counts[size_t(s) * (E + P) + i]) << "rank " << s << " " << i;
   }
   std::vector<TokenExchangePlan> plan;
   for (int s = 0; s < P; ++s) plan.push_back(make_token_exchange_plan(P, s, E, counts.data()));

@@ -43,6 +43,8 @@
 #include "model/decoder.h"
 #include "model/params.h"
 #include "ops/cuda/adamw.h"
+#include "ops/cuda/pinned.h"
+#include "parallel/process_group.h"
 #include "parallel/sharded_state.h"
 
 namespace mop {
@@ -153,7 +155,8 @@ class GpuDecoder final : public ShardedState {
   // Expert parallelism and global load-balancing statistics (gpu_decoder_comm.cpp).
   bool expert_parallel() const;
   void global_lb_copy(int l);    // after the layer's routing: queues the statistics' host copies
-  void global_lb_stats(int l);   // after the layer's host sync: over all ranks, before backward
+  void global_lb_start(int l);   // after the layer's host sync: their all-reduce, asynchronous
+  void global_lb_finish();       // after the forward: the global statistics, counts back to the device
   void experts_forward_ep(int l);  // y.h2 -> a.dtmp through the experts' owners
   template <class G>
   void experts_backward_ep(int l, const LayerView<G>& g);  // a.dx -> a.dh (expert part), a.dw
@@ -230,9 +233,11 @@ class GpuDecoder final : public ShardedState {
 
   GpuComm comm_;
   std::vector<double> lb_global_;                // (L) load-balancing loss over all ranks' tokens
-  std::vector<float> lb_grad_factor_;            // (L) (N / N_total)^2: see global_lb_stats
-  std::vector<std::vector<int32_t>> counts_host_;  // (L, E) global counts, host side of the upload
-  std::vector<float> lb_mean_host_;                // (E) this rank's mean probabilities, host copy
+  std::vector<float> lb_grad_factor_;            // (L) (N / N_total)^2: see global_lb_finish
+  std::vector<std::vector<double>> lb_sums_;     // (L, 2E + 1) probability sums, counts, tokens: all-reduced
+  std::vector<std::unique_ptr<Work>> lb_work_;   // (L) their all-reduces in flight
+  PinnedHost<float> lb_mean_pin_;                // (E) this rank's mean probabilities, host copy
+  PinnedHost<int32_t> counts_pin_;               // (L, E) counts: local, then global for the upload
 };
 
 }  // namespace mop

@@ -33,11 +33,14 @@ void GpuDecoder::set_comm(const GpuComm& comm) {
             "train.checkpointing = full with parallel.ep > 1 on the GPU would repeat the expert exchange in "
             "backward; use selective (it keeps the experts' rows) or none");
   MOP_CHECK(!expert_parallel() || comm_.ep_host, "GpuDecoder: expert parallelism needs the host ep group");
-  const size_t L = size_t(c_.layers);
+  const size_t L = size_t(c_.layers), E = size_t(c_.experts);
   lb_global_.assign(L, 0.0);
   lb_grad_factor_.assign(L, 1.f);
-  counts_host_.assign(L, std::vector<int32_t>(size_t(c_.experts), 0));
-  lb_mean_host_.assign(size_t(c_.experts), 0.f);
+  lb_sums_.assign(L, std::vector<double>(2 * E + 1, 0.0));
+  lb_work_.clear();
+  lb_work_.resize(L);
+  lb_mean_pin_ = PinnedHost<float>(E);
+  counts_pin_ = PinnedHost<int32_t>(L * E);
   acts_.reset();  // the activation layout depends on expert parallelism
   acts_N_ = -1;
 }
@@ -45,39 +48,49 @@ void GpuDecoder::set_comm(const GpuComm& comm) {
 void GpuDecoder::global_lb_copy(int l) {
   Acts& a = *acts_;
   auto& y = a.layers[size_t(l)];
-  const int E = int(c_.experts);
+  const size_t E = size_t(c_.experts);
   // moe_lb_loss left the column means of the probabilities in a.dprobs.
-  MOP_CUDA_CHECK(cudaMemcpyAsync(lb_mean_host_.data(), a.dprobs, size_t(E) * 4, cudaMemcpyDeviceToHost, stream_));
-  MOP_CUDA_CHECK(
-      cudaMemcpyAsync(counts_host_[size_t(l)].data(), y.counts, size_t(E) * 4, cudaMemcpyDeviceToHost, stream_));
+  MOP_CUDA_CHECK(cudaMemcpyAsync(lb_mean_pin_.data(), a.dprobs, E * 4, cudaMemcpyDeviceToHost, stream_));
+  MOP_CUDA_CHECK(cudaMemcpyAsync(counts_pin_.data() + size_t(l) * E, y.counts, E * 4, cudaMemcpyDeviceToHost, stream_));
 }
 
-void GpuDecoder::global_lb_stats(int l) {
-  Acts& a = *acts_;
-  auto& y = a.layers[size_t(l)];
-  const int N = a.N, E = int(c_.experts), K = int(c_.top_k);
-  const std::vector<float>& mean = lb_mean_host_;
-  std::vector<int32_t>& cnt = counts_host_[size_t(l)];
-  std::vector<double> v(size_t(2 * E + 1), 0.0);  // (probability sums, counts, tokens)
+// The sums go out on the world group's worker; nothing before backward needs them, so the forward
+// goes on (the host waits for them in global_lb_finish, by which time they are long done).
+void GpuDecoder::global_lb_start(int l) {
+  const int N = acts_->N, E = int(c_.experts);
+  const int32_t* cnt = counts_pin_.data() + size_t(l) * size_t(E);
+  std::vector<double>& v = lb_sums_[size_t(l)];  // (probability sums, counts, tokens)
   for (int e = 0; e < E; ++e) {
-    v[size_t(e)] = N > 0 ? double(mean[size_t(e)]) * N : 0.0;
-    v[size_t(E + e)] = double(cnt[size_t(e)]);
+    v[size_t(e)] = N > 0 ? double(lb_mean_pin_.data()[e]) * N : 0.0;
+    v[size_t(E + e)] = double(cnt[e]);
   }
   v[size_t(2 * E)] = double(N);
-  comm_.world_host->all_reduce_sum(v.data(), v.size());
-  const double Nt = v[size_t(2 * E)];
-  double loss = 0;
-  for (int e = 0; e < E; ++e) {
-    cnt[size_t(e)] = int32_t(v[size_t(E + e)]);
-    if (Nt > 0) loss += v[size_t(E + e)] / (Nt * K) * (v[size_t(e)] / Nt);
+  lb_work_[size_t(l)] = comm_.world_host->all_reduce_sum_async(v.data(), v.size());
+}
+
+void GpuDecoder::global_lb_finish() {
+  Acts& a = *acts_;
+  const int N = a.N, E = int(c_.experts), K = int(c_.top_k);
+  for (int l = 0; l < int(lb_work_.size()); ++l) {  // empty without set_comm (one rank)
+    std::unique_ptr<Work> work = std::move(lb_work_[size_t(l)]);
+    if (!work) continue;
+    work->wait();
+    const std::vector<double>& v = lb_sums_[size_t(l)];
+    int32_t* cnt = counts_pin_.data() + size_t(l) * size_t(E);
+    const double Nt = v[size_t(2 * E)];
+    double loss = 0;
+    for (int e = 0; e < E; ++e) {
+      cnt[e] = int32_t(v[size_t(E + e)]);
+      if (Nt > 0) loss += v[size_t(E + e)] / (Nt * K) * (v[size_t(e)] / Nt);
+    }
+    lb_global_[size_t(l)] = E * loss;
+    // Backward's kernel computes dloss * E * (counts / (N K)) / N with this rank's N; the global
+    // gradient is dloss * E * (counts / (Nt K)) / Nt, so dloss is scaled by (N / Nt)^2.
+    lb_grad_factor_[size_t(l)] = Nt > 0 ? float((double(N) / Nt) * (double(N) / Nt)) : 0.f;
+    // The global counts replace the local ones on the device (backward and the statistics read
+    // them); the next write of cnt is the next micro-batch's copy, ordered after this one.
+    MOP_CUDA_CHECK(cudaMemcpyAsync(a.layers[size_t(l)].counts, cnt, size_t(E) * 4, cudaMemcpyHostToDevice, stream_));
   }
-  lb_global_[size_t(l)] = E * loss;
-  // Backward's kernel computes dloss * E * (counts / (N K)) / N with this rank's N; the global
-  // gradient is dloss * E * (counts / (Nt K)) / Nt, so dloss is scaled by (N / Nt)^2.
-  lb_grad_factor_[size_t(l)] = Nt > 0 ? float((double(N) / Nt) * (double(N) / Nt)) : 0.f;
-  // The global counts replace the local ones on the device (backward reads them); cnt lives on
-  // until the next step, after this copy has run.
-  MOP_CUDA_CHECK(cudaMemcpyAsync(y.counts, cnt.data(), size_t(E) * 4, cudaMemcpyHostToDevice, stream_));
 }
 
 // Rows of the layer's owner side grow with the routing (the stream is past the layer's host sync

@@ -85,14 +85,16 @@ void GpuDecoder::layer_forward(int l, bool recompute) {
       const bool global_lb = comm_.world_host && comm_.world_host->size() > 1;
       cuda::moe_route_layout(y.row, y.offsets, y.idx, N, E, K, a.workspace.data(), a.workspace_bytes, st);
       if (global_lb) global_lb_copy(l);
-      if (expert_parallel()) token_exchange_count(a.ep[size_t(l)].x, y.idx, N, K, E, comm_.ep->size(), st);
+      if (expert_parallel())  // every rank's counts gathered on the device (none with a skipping group)
+        if (auto w = token_exchange_count(a.ep[size_t(l)].x, *comm_.ep, y.idx, y.offsets, N, K, E))
+          comm_pending_ = std::move(w);
       // The one host synchronisation of the layer: the grouped GEMM takes its sizes from the host
-      // (and the statistics and the exchange's counts go to the other ranks from there).
+      // (and the statistics go to the other ranks from there, asynchronously).
       mark("forward");
       MOP_CUDA_CHECK(cudaMemcpyAsync(y.offsets_host.data(), y.offsets, size_t(E + 1) * 4, cudaMemcpyDeviceToHost, st));
       wait_comm();
       MOP_CUDA_CHECK(cudaStreamSynchronize(st));
-      if (global_lb) global_lb_stats(l);
+      if (global_lb) global_lb_start(l);
       if (!expert_parallel()) mark("moe_sync");  // else after the exchange's plan
     }
     if (expert_parallel()) {
@@ -264,6 +266,7 @@ LossStats GpuDecoder::run(const TokenBatch& b, float ce_scale, float lb_scale, b
     release_layer(l, /*backward=*/false);
   }
   mark("forward");
+  global_lb_finish();
   wait_gathered(head_unit_);  // its post-update gather ran behind the layers' on the comm stream
   const bool has_targets = b.targets != nullptr;
   if (!backward) {

@@ -15,9 +15,9 @@
 namespace mop::cuda {
 
 // Process-wide backend choice:
-//  "cublas" (default): cublasGemmGroupedBatchedEx for y and dx; one cublasGemmEx per non-empty
+//  "cublas": cublasGemmGroupedBatchedEx for y and dx; one cublasGemmEx per non-empty
 //    expert for dw (grouped cuBLAS has no bf16-in / fp32-out mode, and dw must accumulate in fp32).
-//  "cutlass": CUTLASS 3 Hopper persistent grouped GEMMs (one kernel per product, dw included) when
+//  "cutlass" (default): CUTLASS 3 Hopper persistent grouped GEMMs (one kernel per product, dw included) when
 //    I and O are multiples of 8 (TMA alignment); other sizes fall back to the cuBLAS path.
 // Throws mop::Error for an unknown name.
 void set_grouped_gemm_backend(const char* name);

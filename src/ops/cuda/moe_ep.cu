@@ -79,6 +79,12 @@ static __global__ void send_layout_kernel(int32_t* slot_Nep, int32_t* pos_SK, fl
   }
 }
 
+static __global__ void plan_row_kernel(int64_t* row_W, const int32_t* offsets_E1, const int32_t* tokens_ep, int E,
+                                       int ep) {
+  for (int i = threadIdx.x; i < E + ep; i += blockDim.x)
+    row_W[i] = i < E ? int64_t(offsets_E1[i + 1] - offsets_E1[i]) : int64_t(tokens_ep[i - E]);
+}
+
 static __global__ void gate_grads_kernel(float* dw_NK, const float* dgate_SK, const int32_t* slot_Nep,
                                          const int32_t* idx_NK, int N, int K, int E, int ep) {
   const int El = E / ep;
@@ -97,6 +103,13 @@ static __global__ void gate_grads_kernel(float* dw_NK, const float* dgate_SK, co
 void moe_ep_token_counts(int32_t* tokens_ep, const int32_t* idx_NK, int N, int K, int E, int ep, cudaStream_t stream) {
   check_sizes("moe_ep_token_counts", N, K, E, ep);
   token_counts_kernel<<<ep, kThreads, 0, stream>>>(tokens_ep, idx_NK, N, K, E, E / ep);
+  MOP_CUDA_LAUNCH_CHECK();
+}
+
+void moe_ep_plan_row(int64_t* row_W, const int32_t* offsets_E1, const int32_t* tokens_ep, int E, int ep,
+                     cudaStream_t stream) {
+  check_sizes("moe_ep_plan_row", 0, 0, E, ep);
+  plan_row_kernel<<<1, 256, 0, stream>>>(row_W, offsets_E1, tokens_ep, E, ep);
   MOP_CUDA_LAUNCH_CHECK();
 }
 

@@ -17,6 +17,12 @@ namespace mop::cuda {
 // tokens_ep[r] = how many of the N tokens have at least one expert on rank r. No host sync.
 void moe_ep_token_counts(int32_t* tokens_ep, const int32_t* idx_NK, int N, int K, int E, int ep, cudaStream_t stream);
 
+// This rank's row of the exchange plan's all-gather (parallel/token_exchange.h), W = E + ep:
+// row_W[e] = offsets_E1[e + 1] - offsets_E1[e] (its pairs per global expert), row_W[E + r] =
+// tokens_ep[r]. Gathered on the device, it spares the layer a host round trip.
+void moe_ep_plan_row(int64_t* row_W, const int32_t* offsets_E1, const int32_t* tokens_ep, int E, int ep,
+                     cudaStream_t stream);
+
 // The send layout, given tokens_ep (device, from moe_ep_token_counts) and dest_base_E (device,
 // TokenExchangePlan::dest_base). Rank r's rows are [sum of tokens_ep[< r], + tokens_ep[r]), tokens
 // in ascending order. slot_Nep[n, r]: token n's row for rank r, or -1. For sent row s of token n

@@ -37,6 +37,8 @@ class DeviceGroup : public ProcessGroup {
  public:
   virtual int device() const = 0;
   virtual cudaStream_t stream() const = 0;
+  // False for a group that only times (SkipGroup): callers needing the data fall back to a host group.
+  virtual bool moves_data() const { return true; }
 
   using ProcessGroup::all_gather;
   using ProcessGroup::all_gather_async;

@@ -10,22 +10,39 @@
 
 namespace mop {
 
-void token_exchange_count(GpuTokenExchange& x, const int32_t* idx_NK, int N, int K, int E, int ep,
-                          cudaStream_t stream) {
-  if (x.tokens_host.size() != size_t(ep)) {
-    x.tokens_ep = Buffer(Device::cuda, Mem::comm, size_t(ep) * sizeof(int32_t));
-    x.tokens_host.assign(size_t(ep), 0);
+std::unique_ptr<DeviceWork> token_exchange_count(GpuTokenExchange& x, DeviceGroup& ep, const int32_t* idx_NK,
+                                                 const int32_t* offsets_E1, int N, int K, int E) {
+  const int P = ep.size();
+  const size_t W = size_t(E + P);
+  cudaStream_t stream = ep.stream();
+  if (x.tokens_host.size() != size_t(P) || x.plan_host.size() != size_t(P) * W) {
+    x.tokens_ep = Buffer(Device::cuda, Mem::comm, size_t(P) * sizeof(int32_t));
+    x.tokens_host.assign(size_t(P), 0);
+    x.plan_rows = Buffer(Device::cuda, Mem::comm, size_t(P + 1) * W * sizeof(int64_t));
+    x.plan_host = PinnedHost<int64_t>(size_t(P) * W);
   }
   x.N = N, x.K = K, x.E = E;
-  cuda::moe_ep_token_counts(x.tokens_ep.as<int32_t>(), idx_NK, N, K, E, ep, stream);
-  MOP_CUDA_CHECK(cudaMemcpyAsync(x.tokens_host.data(), x.tokens_ep.data(), size_t(ep) * sizeof(int32_t),
-                                 cudaMemcpyDeviceToHost, stream));
+  cuda::moe_ep_token_counts(x.tokens_ep.as<int32_t>(), idx_NK, N, K, E, P, stream);
+  x.device_plan = ep.moves_data();
+  if (!x.device_plan) {
+    MOP_CUDA_CHECK(cudaMemcpyAsync(x.tokens_host.data(), x.tokens_ep.data(), size_t(P) * sizeof(int32_t),
+                                   cudaMemcpyDeviceToHost, stream));
+    return nullptr;
+  }
+  int64_t* all = x.plan_rows.as<int64_t>();
+  int64_t* mine = all + size_t(P) * W;
+  cuda::moe_ep_plan_row(mine, offsets_E1, x.tokens_ep.as<int32_t>(), E, P, stream);
+  auto work = ep.all_gather_async(mine, W, all, DType::i64);
+  MOP_CUDA_CHECK(cudaMemcpyAsync(x.plan_host.data(), all, size_t(P) * W * sizeof(int64_t), cudaMemcpyDeviceToHost,
+                                 stream));
+  return work;
 }
 
 void token_exchange_plan(GpuTokenExchange& x, ProcessGroup& host_ep, const int32_t* offsets_host, cudaStream_t stream) {
   const int ep = host_ep.size();
   MOP_CHECK(x.tokens_host.size() == size_t(ep), "token_exchange_plan without token_exchange_count");
-  x.plan = plan_token_exchange(host_ep, offsets_host, x.E, x.tokens_host.data());
+  x.plan = x.device_plan ? make_token_exchange_plan(ep, host_ep.rank(), x.E, x.plan_host.data())
+                         : plan_token_exchange(host_ep, offsets_host, x.E, x.tokens_host.data());
   const TokenExchangePlan& p = x.plan;
   // The index upload. The previous upload of this layer finished long ago (each step ends in a
   // host wait), so its pinned staging may be rewritten.

@@ -1,7 +1,7 @@
 // Expert-parallel exchange on the GPU, each token sent once per rank (parallel/token_exchange.h):
 //
-//   forward   source: count its tokens per rank (device), then after the layer's one host sync the
-//             plan (one Gloo all-gather of counts), the send layout (ops/cuda/moe_ep.h), the token
+//   forward   source: count its tokens per rank and all-gather every rank's counts (device), then
+//             after the layer's one host sync the plan from them, the send layout (ops/cuda/moe_ep.h), the token
 //             rows and their pair fields to the owners; owner: expand into expert-major pairs, run
 //             the experts, reduce each token's pairs to one gate-weighted row, send it back; source:
 //             sum the rows from each rank.
@@ -32,7 +32,10 @@ struct GpuTokenExchange {
   TokenExchangePlan plan;
   int N = 0, K = 0, E = 0;
   Buffer tokens_ep;                  // (ep) int32: tokens this rank sends to each rank
-  std::vector<int32_t> tokens_host;  // (ep) host copy
+  std::vector<int32_t> tokens_host;  // (ep) host copy (the host-group fallback only)
+  bool device_plan = false;          // the counts were gathered on the device into plan_host
+  Buffer plan_rows;                  // (ep + 1, E + ep) int64: every rank's plan row, then this rank's
+  PinnedHost<int64_t> plan_host;     // (ep, E + ep) their host copy
   Buffer index;                      // int32: dest_base (E), then local_offsets (El + 1)
   PinnedHost<int32_t> index_host;    // its host side (written before each upload)
   Buffer slot;                       // (N, ep) int32: each token's send row per rank, or -1
@@ -42,12 +45,15 @@ struct GpuTokenExchange {
   const int32_t* local_offsets() const { return index.as<int32_t>() + E; }
 };
 
-// Before the layer's host sync: counts this rank's tokens per rank (idx: (N, K) global expert ids
-// of E) and queues their copy to x.tokens_host.
-void token_exchange_count(GpuTokenExchange& x, const int32_t* idx_NK, int N, int K, int E, int ep,
-                          cudaStream_t stream);
-// After it (x.tokens_host and offsets_host valid): the plan (collective over host_ep), its index
-// upload, and x's buffers sized for it.
+// Before the layer's host sync, on ep's stream: counts this rank's tokens per rank (idx: (N, K)
+// global expert ids of E; offsets: its expert-sorted pair offsets), all-gathers every rank's counts
+// over ep and queues their copy to x.plan_host. Returns the gather's work (wait on it before the
+// host sync). A group that moves no data (SkipGroup): only the counts' copy to x.tokens_host, no
+// work; the plan then gathers over the host group.
+std::unique_ptr<DeviceWork> token_exchange_count(GpuTokenExchange& x, DeviceGroup& ep, const int32_t* idx_NK,
+                                                 const int32_t* offsets_E1, int N, int K, int E);
+// After it (the copies done; offsets_host: the offsets' host copy): the plan (from x.plan_host, or
+// a collective over host_ep), its index upload, and x's buffers sized for it.
 void token_exchange_plan(GpuTokenExchange& x, ProcessGroup& host_ep, const int32_t* offsets_host, cudaStream_t stream);
 // The send layout (x.slot) and, through the exchange, each received token's pair fields (x.pos,
 // x.gate). Routing on the device: idx, w, row (N, K), offsets (E + 1). send_pos, send_gate: (S, K)

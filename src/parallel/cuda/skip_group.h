@@ -22,6 +22,7 @@ class SkipGroup final : public DeviceGroup {
   const std::string& name() const override { return name_; }
   int device() const override { return device_; }
   cudaStream_t stream() const override { return stream_; }
+  bool moves_data() const override { return false; }
   void barrier() override {}
 
  protected:
