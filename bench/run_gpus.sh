@@ -7,8 +7,10 @@
 # torch torch_fsdp2.py flags (e.g. ac+cudnn); '-' for none. The preset is $PRESET (default moe-7b).
 # One JSON line per run (rank 0's) goes to $OUT/x<NGPUS>.jsonl, each run's output to
 # $OUT/<name>.log. NCCL_NVLS_ENABLE=0 is set here.
-# Exposed communication: the same mop spec again with +parallel.gpu_comm=skip (every device
-# collective skipped); 1 - (step time skipped / step time) is the exposed share of the step.
+# Exposed communication: SKIP=N (e.g. 3) makes each mop run end with N more steps with every device
+# collective skipped and the last step's routing replayed (`mop bench --skip-steps`); 1 - (skipped
+# step / step) is the exposed share. (A twin spec with +parallel.gpu_comm=skip also works, but with
+# expert parallelism it routes differently and is not the same computation.)
 # At the end, bench/summarize_gpus.py prints the runs as one table (ratios, exposed share, phases).
 # TRACE=1: each mop run also records its last step's timeline on every rank (train.trace, not
 # timed) to $OUT/<name>.rank<r>.json.gz; bench/probes/trace_gaps.py reads them.
@@ -30,7 +32,7 @@ for spec in "$@"; do
     for s in ${settings//+/ }; do sets+=(--set "$s"); done
     [ "${TRACE:-0}" = 1 ] && sets+=(--set "train.trace=$out/$name.rank{rank}.json")
     timeout "$limit" "$build/mop" launch --nproc "$gpus" -- bench "${sets[@]}" --steps "$steps" --warmup "$warmup" \
-      >"$out/$name.log" 2>&1
+      --skip-steps "${SKIP:-0}" >"$out/$name.log" 2>&1
     rc=$?
     if [ "${TRACE:-0}" = 1 ]; then gzip -f "$out/$name".rank*.json 2>/dev/null; fi
   else

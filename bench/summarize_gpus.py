@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """One table from run_gpus.sh's JSON lines: each mop run next to the PyTorch baseline of the same
-shape (layers, sequence length, batch per GPU) and to its own twin with parallel.gpu_comm = skip.
+shape (layers, sequence length, batch per GPU).
 
   python3 bench/summarize_gpus.py OUT/x2.jsonl [...]
 
 ratio: mop's tokens/s per GPU over the baseline's. exposed: the share of mop's step that the
-communication adds, 1 - (skipped step / step). With expert parallelism the skipped run is not the same
-computation (the rows a rank gets back are the ones it sent, so later layers route differently), so
-read the ep_exchange phase against the skipped run's instead (bench/results/2026-11-29-h200x2.md). The phases are the compute stream's medians
+communication adds, 1 - (skipped step / step), from the run's own steps with the communication
+skipped (`mop bench --skip-steps`, SKIP=N in run_gpus.sh: the last step's routing replayed, so the
+skipped steps do the same expert work; "routing differs" flags a run where they did not). Without
+them, a twin run with parallel.gpu_comm = skip of the same shape; with expert parallelism that twin
+is not the same computation (the rows a rank gets back are the ones it sent, so later layers route
+differently) and its share is marked "(twin)". The phases are the compute stream's medians
 (train.timing): where the step went, the expert exchange and the ZeRO waits included."""
 import json
 import sys
@@ -52,8 +55,14 @@ def main(paths):
             if base and r.get("gpu_comm") != "skip":  # a skipped run's numbers are not a result
                 ratio = f"{tps / base['tokens_per_s_per_gpu']:.2f}x"
             twin = skipped.get((sh, layout(r), r.get("call")))
-            if twin is not None and twin is not r and r.get("gpu_comm") != "skip":
+            if "exposed_comm_share" in r:
+                exposed = f"{100 * r['exposed_comm_share']:.1f}%"
+                if not r.get("skip_routing_matches", True):
+                    exposed += " (routing differs)"
+            elif twin is not None and twin is not r and r.get("gpu_comm") != "skip":
                 exposed = f"{100 * (1 - twin['step_s_median'] / r['step_s_median']):.1f}%"
+                if r.get("ep", 1) > 1:
+                    exposed += " (twin)"
             ph = sorted(r.get("phase_ms_median", {}).items(), key=lambda kv: -kv[1])[:5]
             phases = ", ".join(f"{k} {v:.1f}" for k, v in ph)
             gpus = r["world"]

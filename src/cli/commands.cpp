@@ -81,7 +81,10 @@ int bench(const BenchArgs& a) {
   for (const char* s : {"data.synthetic=true", "train.eval_every=0", "train.sample_tokens=0"}) sets.emplace_back(s);
   sets.push_back(fmt::format("train.steps={}", a.steps));
   Config cfg = load_config(a.config, parse_overrides(sets));
-  Trainer t(cfg, TrainOptions{"", "", true, true});
+  MOP_CHECK(a.skip_steps >= 0, "--skip-steps must not be negative, got {}", a.skip_steps);
+  TrainOptions to{"", "", true, true};
+  to.skip_comm_steps = a.skip_steps;
+  Trainer t(cfg, to);
   TrainResult r = t.run();
   std::vector<double> times;
   // A step recorded by train.trace runs slower (CUPTI logs every CUDA call): it is not timed.
@@ -119,11 +122,11 @@ int bench(const BenchArgs& a) {
     if (mt.peak(Mem(i))) cats[mem_name(Mem(i))] = double(mt.peak(Mem(i))) / double(1ull << 30);
   j["peak_gib_by_category"] = cats;
   // Each phase's median over the timed steps (train.timing; model/cuda/phase_timer.h).
-  if (r.phase_ms.size() == r.step_seconds.size() && !r.phase_ms.empty()) {
+  auto phase_medians = [&](const std::vector<std::vector<std::pair<std::string, double>>>& steps, size_t first) {
     std::vector<std::pair<std::string, std::vector<double>>> ph;
-    for (size_t s = size_t(a.warmup); s < r.phase_ms.size(); ++s) {
-      if (int64_t(s) + 1 == traced) continue;
-      for (const auto& [name, ms] : r.phase_ms[s]) {
+    for (size_t s = first; s < steps.size(); ++s) {
+      if (&steps == &r.phase_ms && int64_t(s) + 1 == traced) continue;
+      for (const auto& [name, ms] : steps[s]) {
         auto it = std::find_if(ph.begin(), ph.end(), [&](const auto& p) { return p.first == name; });
         if (it == ph.end()) it = ph.insert(ph.end(), {name, {}});
         it->second.push_back(ms);
@@ -134,7 +137,21 @@ int bench(const BenchArgs& a) {
       std::sort(v.begin(), v.end());
       pj[name] = v[v.size() / 2];
     }
-    j["phase_ms_median"] = pj;
+    return pj;
+  };
+  if (r.phase_ms.size() == r.step_seconds.size() && !r.phase_ms.empty())
+    j["phase_ms_median"] = phase_medians(r.phase_ms, size_t(a.warmup));
+  // The same steps with their communication skipped: the exposed share is what the skipping saves.
+  if (!r.skip_step_seconds.empty()) {
+    std::vector<double> skipped = r.skip_step_seconds;
+    std::sort(skipped.begin(), skipped.end());
+    const double ms = skipped[skipped.size() / 2];
+    j["skip_steps"] = skipped.size();
+    j["skip_step_s_median"] = ms;
+    j["exposed_comm_s"] = median - ms;
+    j["exposed_comm_share"] = (median - ms) / median;
+    j["skip_routing_matches"] = r.skip_routing_matches;
+    if (!r.skip_phase_ms.empty()) j["skip_phase_ms_median"] = phase_medians(r.skip_phase_ms, 0);
   }
   j["loss_first"] = r.losses.front();
   j["loss_last"] = r.losses.back();

@@ -29,6 +29,7 @@ struct BenchArgs {
   std::vector<std::string> sets;
   int64_t steps = 20;
   int64_t warmup = 5;
+  int64_t skip_steps = 0;  // then steps with the device collectives skipped (TrainOptions::skip_comm_steps)
 };
 // Trains on synthetic tokens and prints one JSON line: tokens/s, TFLOP/s, MFU, peak memory by category.
 int bench(const BenchArgs& a);

@@ -32,6 +32,9 @@ int main(int argc, char** argv) {
   bench->add_option("--set", ba.sets, "override a config key, e.g. --set model.preset=moe-1b");
   bench->add_option("--steps", ba.steps, "optimizer steps (default 20)");
   bench->add_option("--warmup", ba.warmup, "untimed first steps (default 5)");
+  bench->add_option("--skip-steps", ba.skip_steps,
+                    "then this many steps with every device collective skipped and the last step's routing "
+                    "replayed: the exposed communication is the step time minus theirs (default 0)");
   mop::bench::OpsBenchOptions oa;
   auto* bench_ops = bench->add_subcommand("ops",
                                           "time every CUDA kernel on a preset's shapes against the ceilings "

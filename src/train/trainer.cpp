@@ -506,8 +506,18 @@ TrainResult Trainer::run() {
     log(fmt::format("note: train.trace_step {} is before the resumed step {}: no trace", trace_at, state_.step + 1));
 #endif
 
-  while (state_.step < tc.steps) {
+  MOP_CHECK(opt_.skip_comm_steps == 0 || (opt_.bench && gpu_ && tc.steps > 0),
+            "steps with the communication skipped are for GPU benchmarks after at least one real step");
+  std::vector<int64_t> recorded_counts;  // the last real step's expert counts, which skipped steps replay
+  while (state_.step < tc.steps + opt_.skip_comm_steps) {
+    const bool skipping = state_.step >= tc.steps;
 #ifdef MOP_HAVE_CUDA
+    if (opt_.skip_comm_steps > 0 && state_.step + 1 == tc.steps) gpu_->record_routing(true);
+    if (skipping && !gpu_->comm_skipped()) {
+      gpu_->skip_comm();
+      log(fmt::format("{} more steps with every device collective skipped and the last step's routing replayed "
+                      "(timing only)", opt_.skip_comm_steps));
+    }
     const bool tracing = gpu_ && state_.step + 1 == trace_at;
     if (tracing) {
       gpu_->synchronize();  // the previous step's work stays out of the recording
@@ -561,6 +571,17 @@ TrainResult Trainer::run() {
       log(fmt::format("trace: step {}, {} events -> {} (open in ui.perfetto.dev)", state_.step, n, path));
     }
 #endif
+    if (skipping) {
+#ifdef MOP_HAVE_CUDA
+      res.skip_step_seconds.push_back(dt);
+      res.skip_phase_ms.push_back(gpu_->take_phase_ms());
+#endif
+      res.skip_routing_matches = res.skip_routing_matches && st.counts == recorded_counts;
+      log(fmt::format("step {} (communication skipped) | {:.1f} ms, routing {}", state_.step, dt * 1e3,
+                      st.counts == recorded_counts ? "as recorded" : "DIFFERS from the recorded step"));
+      continue;
+    }
+    if (state_.step == tc.steps) recorded_counts = st.counts;
     res.step_seconds.push_back(dt);
     res.tokens_per_step = step_tokens;
     train_time += dt;

@@ -30,6 +30,10 @@ struct TrainOptions {
   std::string init_from;         // checkpoint whose weights initialise the model (fresh optimizer)
   bool quiet = false;            // no progress lines (tests)
   bool bench = false;            // benchmark: no checkpoints, no sample, no config/metrics files
+  // Benchmark on the GPU: this many more steps after the last with every device collective
+  // skipped and the last step's routing replayed (GpuDecoder::skip_comm): the step without its
+  // communication. Their losses are meaningless; they are reported apart (skip_*).
+  int64_t skip_comm_steps = 0;
 };
 
 struct TrainResult {
@@ -45,6 +49,9 @@ struct TrainResult {
   double flops_per_token = 0;        // DESIGN.md's model FLOPs
   double peak_flops = 0;             // MFU denominator
   std::string device;                // cpu | cuda
+  std::vector<double> skip_step_seconds;  // TrainOptions::skip_comm_steps: each skipped step's wall time
+  std::vector<std::vector<std::pair<std::string, double>>> skip_phase_ms;
+  bool skip_routing_matches = true;   // every skipped step routed the recorded step's expert counts
 };
 
 class Trainer {

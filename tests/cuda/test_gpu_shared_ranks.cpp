@@ -13,7 +13,8 @@
 //   * with ep = 2, selective recompute gives the losses of none bit for bit.
 //   * collectives that complete late (the staged group is asynchronous like NCCL, and can be made
 //     slower) change no bit: every kernel waits for the collectives it depends on.
-//   * parallel.gpu_comm = skip runs.
+//   * parallel.gpu_comm = skip runs, and `mop bench --skip-steps` replays the recorded routing in
+//     the steps it runs without communication (every rank routes the recorded expert counts).
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -169,6 +170,25 @@ TEST_F(SharedGpu, SkippedCommunicationRuns) {
   const std::vector<double> l =
       train("skip", 2, "--set parallel.gpu_comm=skip --set parallel.zero=3 --set parallel.ep=2", 3);
   EXPECT_EQ(l.size(), 3u);
+}
+
+// mop bench --skip-steps: after the timed steps, steps with every device collective skipped whose
+// MoE layers replay the last real step's routing, so they run the same expert work; each rank
+// reports whether its skipped steps routed exactly the recorded counts.
+TEST_F(SharedGpu, SkippedStepsReplayTheRouting) {
+  const mop::test::MopResult r = run_mop(
+      "launch --nproc 2 -- bench --set device=cuda --set parallel.gpu_comm=host --set parallel.zero=3 "
+      "--set parallel.ep=2 --set train.batch=4 --set train.seq_len=128 --set train.checkpointing=selective "
+      "--steps 3 --warmup 1 --skip-steps 2");
+  ASSERT_EQ(r.code, 0) << r.out;
+  auto count = [&](const std::string& needle) {
+    size_t n = 0;
+    for (size_t at = r.out.find(needle); at != std::string::npos; at = r.out.find(needle, at + 1)) ++n;
+    return n;
+  };
+  EXPECT_EQ(count("\"skip_routing_matches\":true"), 2u) << r.out;  // one JSON line per rank
+  EXPECT_EQ(count("\"skip_steps\":2"), 2u) << r.out;
+  EXPECT_EQ(count("\"exposed_comm_share\":"), 2u) << r.out;
 }
 
 }  // namespace

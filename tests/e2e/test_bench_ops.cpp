@@ -70,6 +70,14 @@ TEST(BenchOps, FlagSetsAreFrozen) {
   EXPECT_EQ(flags_of(r.out), (std::set<std::string>{"--batch", "--help", "--json", "--only", "--preset", "--seq"})) << r.out;
   r = run("bench --help");
   EXPECT_EQ(r.code, 0) << r.out;
-  EXPECT_EQ(flags_of(r.out), (std::set<std::string>{"--config", "--help", "--set", "--steps", "--warmup"})) << r.out;
+  EXPECT_EQ(flags_of(r.out), (std::set<std::string>{"--config", "--help", "--set", "--skip-steps", "--steps", "--warmup"})) << r.out;
   EXPECT_NE(r.out.find("ops"), std::string::npos) << r.out;
+}
+
+// The steps without communication replay the GPU decoder's routing: the CPU backend refuses them
+// before training.
+TEST(BenchOps, SkipStepsAreForTheGpu) {
+  const Result r = run("bench --set device=cpu --set model.preset=tiny --steps 2 --warmup 1 --skip-steps 1");
+  EXPECT_NE(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("steps with the communication skipped are for GPU benchmarks"), std::string::npos) << r.out;
 }

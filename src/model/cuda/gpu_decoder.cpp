@@ -301,6 +301,7 @@ void GpuDecoder::download_grads(float* host) const {
 
 void GpuDecoder::zero_grads() {
   MOP_CHECK(state_ready_, "GpuDecoder::zero_grads before upload_params");
+  micro_ = 0;
   mark("host");
   // No wait: the last step's reductions finished before its update (wait_reductions), which the
   // compute stream ran before this.

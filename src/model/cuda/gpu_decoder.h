@@ -126,6 +126,16 @@ class GpuDecoder final : public ShardedState {
   void set_last_micro_batch(bool last) { last_micro_ = last; }
   void reduce_grads();
 
+  // Timing the step without communication (mop bench --skip-steps), for expert parallelism too:
+  // record_routing(true) keeps each MoE layer's top-k of every micro-batch of the following steps
+  // (the last one's stays); skip_comm() then swaps every device group for a SkipGroup of the same
+  // ranks and streams and replays the recorded top-k in place of the router's, so a skipped step
+  // runs the same expert work on every rank as the recorded one. After synchronize(); one way: the
+  // values are wrong from then on (nothing is moved), so the run ends after.
+  void record_routing(bool on) { route_mode_ = on ? RouteLog::record : RouteLog::off; }
+  void skip_comm();
+  bool comm_skipped() const { return !skip_groups_.empty(); }
+
   // With options().timing: milliseconds per phase of the compute stream since the last call (host,
   // zero_grads, forward, moe_sync, ep_exchange, zero_wait, head, recompute, backward, reduce_wait,
   // grad_norm, update; model/cuda/phase_timer.h). After synchronize(). Empty without timing.
@@ -157,6 +167,7 @@ class GpuDecoder final : public ShardedState {
   void global_lb_copy(int l);    // after the layer's routing: queues the statistics' host copies
   void global_lb_start(int l);   // after the layer's host sync: their all-reduce, asynchronous
   void global_lb_finish();       // after the forward: the global statistics, counts back to the device
+  void route_log(int l);          // after the layer's router: record or replay its top-k (route_mode_)
   void experts_forward_ep(int l);  // y.h2 -> a.dtmp through the experts' owners
   template <class G>
   void experts_backward_ep(int l, const LayerView<G>& g);  // a.dx -> a.dh (expert part), a.dw
@@ -230,6 +241,10 @@ class GpuDecoder final : public ShardedState {
   std::unique_ptr<PhaseTimer> timer_;  // options().timing only
   int acts_N_ = -1;
   int64_t steps_ = 0;
+  int micro_ = 0;  // micro-batches since zero_grads (the step's)
+  enum class RouteLog : uint8_t { off, record, replay } route_mode_ = RouteLog::off;
+  std::vector<Buffer> route_log_;  // (micro-batch, layer): (N, K) int32 ids, then (N, K) f32 weights
+  std::vector<std::unique_ptr<DeviceGroup>> skip_groups_;  // skip_comm(): the groups comm_ now names
 
   GpuComm comm_;
   std::vector<double> lb_global_;                // (L) load-balancing loss over all ranks' tokens

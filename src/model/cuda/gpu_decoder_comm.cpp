@@ -16,6 +16,7 @@
 #include "parallel/process_group.h"
 #include "parallel/cuda/device_group.h"
 #include "parallel/cuda/expert_exchange_gpu.h"
+#include "parallel/cuda/skip_group.h"
 
 namespace mop {
 
@@ -91,6 +92,43 @@ void GpuDecoder::global_lb_finish() {
     // them); the next write of cnt is the next micro-batch's copy, ordered after this one.
     MOP_CUDA_CHECK(cudaMemcpyAsync(a.layers[size_t(l)].counts, cnt, size_t(E) * 4, cudaMemcpyHostToDevice, stream_));
   }
+}
+
+void GpuDecoder::route_log(int l) {
+  Acts& a = *acts_;
+  auto& y = a.layers[size_t(l)];
+  const size_t L = size_t(c_.layers), NK = size_t(a.N) * size_t(c_.top_k), key = size_t(micro_) * L + size_t(l);
+  if (route_mode_ == RouteLog::record) {
+    if (route_log_.size() <= key) route_log_.resize(key + 1);
+    Buffer& b = route_log_[key];
+    if (b.bytes() != NK * 8) b = Buffer(Device::cuda, Mem::workspace, NK * 8);
+    MOP_CUDA_CHECK(cudaMemcpyAsync(b.data(), y.idx, NK * 4, cudaMemcpyDeviceToDevice, stream_));
+    MOP_CUDA_CHECK(cudaMemcpyAsync(b.as<char>() + NK * 4, y.w, NK * 4, cudaMemcpyDeviceToDevice, stream_));
+    return;
+  }
+  MOP_CHECK(key < route_log_.size() && route_log_[key].bytes() == NK * 8,
+            "GpuDecoder: no recorded routing of {} tokens for micro-batch {}, layer {} (record_routing first, same "
+            "batch shape)", a.N, micro_, l);
+  const Buffer& b = route_log_[key];
+  MOP_CUDA_CHECK(cudaMemcpyAsync(y.idx, b.data(), NK * 4, cudaMemcpyDeviceToDevice, stream_));
+  MOP_CUDA_CHECK(cudaMemcpyAsync(y.w, b.as<char>() + NK * 4, NK * 4, cudaMemcpyDeviceToDevice, stream_));
+}
+
+void GpuDecoder::skip_comm() {
+  MOP_CHECK(state_ready_ && !comm_skipped(), "GpuDecoder::skip_comm: before upload_params, or twice");
+  MOP_CHECK(!route_log_.empty() || !expert_parallel(),
+            "GpuDecoder::skip_comm with expert parallelism needs a step with record_routing first");
+  synchronize();
+  auto skip = [&](DeviceGroup*& g) {
+    if (!g) return;
+    skip_groups_.push_back(std::make_unique<SkipGroup>(g->rank(), g->size(), g->device(), g->stream(), g->name()));
+    DeviceGroup* to = skip_groups_.back().get();
+    for (Unit& u : units_)
+      if (u.group == g) u.group = to;
+    g = to;
+  };
+  skip(comm_.world), skip(comm_.ep), skip(comm_.edp);
+  route_mode_ = route_log_.empty() ? RouteLog::off : RouteLog::replay;
 }
 
 // Rows of the layer's owner side grow with the routing (the stream is past the layer's host sync

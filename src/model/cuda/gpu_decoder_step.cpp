@@ -78,6 +78,7 @@ void GpuDecoder::layer_forward(int l, bool recompute) {
       const cpu::RouterConfig rc = router_config(c_);
       cuda::matmul_forward_f32out(a.logits, y.h2, w.router, N, D, E, st);
       cuda::router_forward(y.probs, y.idx, y.w, a.logits, router_bias_[size_t(l)], rc, N, st);
+      if (route_mode_ != RouteLog::off) route_log(l);
       cuda::moe_expert_counts(y.counts, y.idx, N, E, K, st);
       cuda::moe_lb_loss(y.lb, a.dprobs, y.probs, y.counts, N, E, K, st);
       // Several data-parallel ranks: the statistics of the whole micro-batch (counts made global
@@ -289,6 +290,7 @@ LossStats GpuDecoder::run(const TokenBatch& b, float ce_scale, float lb_scale, b
   }
   if (!backward) mark("head");
   if (backward) expert_grads_stale_ = dw_overwrite_ = false;  // written by this backward
+  if (backward) ++micro_;
 
   // Statistics back to the host: two asynchronous copies into page-locked memory, then the
   // micro-batch's one synchronisation (a copy into pageable memory would wait for the stream
