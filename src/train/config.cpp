@@ -153,6 +153,9 @@ const std::vector<Field>& fields() {
       F("parallel.gpu_comm", parallel.gpu_comm,
         "device collectives: nccl (one GPU per rank), host (staged through Gloo; slow, lets ranks share a GPU) "
         "or skip (they do nothing: to time the step without communication; wrong results)"),
+      F("parallel.ep_overlap", parallel.ep_overlap,
+        "GPU with parallel.ep > 1: each MoE layer's expert weight gradients run on a second stream beside its "
+        "return exchange and the backward after it (same bits)"),
       F("run.name", run.name, "run name; default: the model preset"),
       F("run.dir", run.dir, "where config.toml, metrics.jsonl and checkpoints go; default runs/<name>"),
       F("run.memory_limit_gib", run.memory_limit_gib, "cap on tracked memory in GiB; 0 = none"),

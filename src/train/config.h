@@ -66,6 +66,7 @@ struct ParallelConfig {
   int64_t world = 0;               // expected world size (the launcher's); 0 = any. Written resolved to the run config
   double timeout_s = 600;          // a collective waiting longer than this fails, naming the group and operation
   std::string gpu_comm = "nccl";   // device collectives: nccl | host (through Gloo; ranks may share a GPU) | skip (timing)
+  bool ep_overlap = false;         // GPU, ep > 1: expert weight gradients on a second stream beside the exchange
 };
 
 struct Config {

@@ -203,6 +203,7 @@ Trainer::Trainer(Config cfg, TrainOptions opt) : cfg_(std::move(cfg)), opt_(std:
     go.bf16_grads = cfg_.train.grad_accum == 1;
     go.zero = int(cfg_.parallel.zero);
     go.timing = cfg_.train.timing;
+    go.ep_overlap = cfg_.parallel.ep_overlap;
     if (parallel) {  // one GPU per local rank (NCCL), or ranks sharing GPUs (collectives staged through the host)
       const int gpus = cuda::device_count();
       const bool may_share = cfg_.parallel.gpu_comm != "nccl";  // host or skip: no NCCL communicator

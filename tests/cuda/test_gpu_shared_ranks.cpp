@@ -10,7 +10,8 @@
 //     bf16 tolerance of tests/multigpu.
 //   * a zero 3 checkpoint resumes bit-identically on the same layout and resumes on another one.
 //   * a sigmoid router's bias survives a sharded resume.
-//   * with ep = 2, selective recompute gives the losses of none bit for bit.
+//   * with ep = 2, selective recompute gives the losses of none bit for bit, and so does running
+//     the expert weight gradients on their own stream (parallel.ep_overlap).
 //   * collectives that complete late (the staged group is asynchronous like NCCL, and can be made
 //     slower) change no bit: every kernel waits for the collectives it depends on.
 //   * parallel.gpu_comm = skip runs, and `mop bench --skip-steps` replays the recorded routing in
@@ -88,6 +89,9 @@ TEST_F(SharedGpu, FourRanksExpertReplicasSharded) {
   ASSERT_EQ(z3.size(), ref.size());
   // Four ranks sum in another order than two (Gloo's ring): fp32 reduction-order tolerance.
   for (size_t i = 0; i < ref.size(); ++i) EXPECT_NEAR(z3[i], ref[i], 1e-5 * ref[i]) << "step " << i + 1;
+  // Expert weight gradients on their own stream, reduced over the replicas from their slots.
+  expect_same(train("z3_overlap", 4, base + "--set parallel.zero=3 --set parallel.ep_overlap=true", 8), z3,
+              "zero 3, ep_overlap");
 }
 
 TEST_F(SharedGpu, ExpertParallelSelectiveRecomputeIsExact) {
@@ -97,6 +101,11 @@ TEST_F(SharedGpu, ExpertParallelSelectiveRecomputeIsExact) {
   const std::vector<double> ref = train("none", 2, base + "--set train.checkpointing=none", 8);
   ASSERT_EQ(ref.size(), 8u);
   expect_same(train("selective", 2, base + "--set train.checkpointing=selective", 8), ref, "selective");
+  // The expert weight gradients on their own stream (parallel.ep_overlap): the same products.
+  for (const char* ck : {"none", "selective"})
+    expect_same(train(std::string("overlap_") + ck, 2,
+                      base + "--set parallel.ep_overlap=true --set train.checkpointing=" + ck, 8),
+                ref, std::string("ep_overlap, ") + ck);
 }
 
 TEST_F(SharedGpu, ParallelLayoutsMatchOneRank) {
@@ -156,7 +165,9 @@ TEST_F(SharedGpu, RouterBiasSurvivesShardedResume) {
 TEST_F(SharedGpu, LateCollectivesChangeNothing) {
   for (const char* layout : {"--set train.grad_accum=1 --set parallel.zero=3 --set parallel.ep=2",
                              "--set train.grad_accum=1 --set parallel.zero=2",
-                             "--set train.grad_accum=2 --set parallel.zero=1 --set parallel.ep=2"}) {
+                             "--set train.grad_accum=2 --set parallel.zero=1 --set parallel.ep=2",
+                             "--set train.grad_accum=1 --set parallel.zero=3 --set parallel.ep=2 --set parallel.ep_overlap=true",
+                             "--set train.grad_accum=2 --set parallel.zero=1 --set parallel.ep=2 --set parallel.ep_overlap=true"}) {
     const std::vector<double> ref = train("prompt", 2, layout, 6);
     ASSERT_EQ(ref.size(), 6u) << layout;
     expect_same(train("late", 2, layout, 6, "MOP_STAGED_LAG_US=3000"), ref, std::string(layout) + ", late");

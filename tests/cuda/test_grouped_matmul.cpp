@@ -239,3 +239,29 @@ TEST(CudaGroupedMatmul, OverwriteEqualsAccumulatingIntoZeros) {
                                 O, nullptr, true);
   EXPECT_EQ(to_f32(over.download()), zeros);
 }
+
+// GroupedSmLimit narrows the persistent kernels' grid (for weight gradients beside communication):
+// each tile is computed as before, so every product keeps its bits, whatever the limit; the limit
+// ends with its scope.
+TEST(CudaGroupedMatmul, SmLimitKeepsTheBits) {
+  MOP_REQUIRE_GPU();
+  std::mt19937 g(17);
+  std::vector<int> counts(16);
+  for (auto& c : counts) c = (g() % 4 == 0) ? 0 : int(g() % 700);
+  const auto off = offsets_of(counts);
+  const int E = 16, I = 256, O = 392, M = off[size_t(E)];
+  const auto x = random_bf16_values(size_t(M) * I, 51), w = random_bf16_values(size_t(E) * O * I, 52),
+             dy = random_bf16_values(size_t(M) * O, 53), dw0 = random_bf16_values(size_t(E) * O * I, 54);
+  const Outputs all = run_gpu(off, x, w, dy, dw0, E, I, O);
+  for (int sms : {1, 7, 100, 100000}) {
+    Outputs lim;
+    {
+      const cuda::GroupedSmLimit limit(sms);
+      lim = run_gpu(off, x, w, dy, dw0, E, I, O);
+    }
+    EXPECT_EQ(lim.y, all.y) << sms << " SMs";
+    EXPECT_EQ(lim.dx, all.dx) << sms << " SMs";
+    EXPECT_EQ(lim.dw, all.dw) << sms << " SMs";
+  }
+  EXPECT_THROW(cuda::GroupedSmLimit(-1), Error);
+}

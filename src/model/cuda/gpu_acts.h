@@ -120,6 +120,7 @@ struct GpuDecoder::Acts {
   Buffer ep_recv, ep_dgate;                // (Rt, D), (Rt, K): received rows, owner-side gate gradients
   Buffer ep_xl, ep_a;                      // (R, D), (R, F): the recomputed pairs' rows and SwiGLU outputs
   Buffer ep_tmp, ep_da, ep_dgu;            // (R, D), (R, F), (R, 2F), shared by the layers
+  Buffer ep_dxl;                           // (R, D) the pairs' input gradients (GpuDecoderOptions::ep_overlap)
   size_t ep_rt_cap = 0, ep_r_cap = 0;
 };
 

@@ -42,6 +42,16 @@ GpuDecoder::GpuDecoder(const ModelConfig& c, const ParamTable& t, GpuDecoderOpti
   MOP_CUDA_CHECK(cudaStreamCreateWithFlags(&comm_stream_, cudaStreamNonBlocking));
   MOP_CUDA_CHECK(cudaEventCreateWithFlags(&comm_done_, cudaEventDisableTiming));
   MOP_CUDA_CHECK(cudaEventCreateWithFlags(&compute_mark_, cudaEventDisableTiming));
+  if (opt_.ep_overlap) {
+    MOP_CUDA_CHECK(cudaStreamCreateWithFlags(&wgrad_stream_, cudaStreamNonBlocking));
+    MOP_CUDA_CHECK(cudaEventCreateWithFlags(&wgrad_in_, cudaEventDisableTiming));
+    MOP_CUDA_CHECK(cudaEventCreateWithFlags(&wgrad_done_, cudaEventDisableTiming));
+    // 16 SMs stay free for the exchange's kernels and the compute stream's small kernels beside.
+    int dev = 0, sms = 0;
+    MOP_CUDA_CHECK(cudaGetDevice(&dev));
+    MOP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    wgrad_sms_ = std::max(1, sms - 16);
+  }
   for (int s = 0; s < 2; ++s) {
     MOP_CUDA_CHECK(cudaEventCreateWithFlags(&w_slot_free_[s], cudaEventDisableTiming));
     MOP_CUDA_CHECK(cudaEventCreateWithFlags(&w_slot_ready_[s], cudaEventDisableTiming));
@@ -130,13 +140,15 @@ void GpuDecoder::allocate_state() {
 GpuDecoder::~GpuDecoder() {
   if (stream_) cudaStreamSynchronize(stream_);
   if (comm_stream_) cudaStreamSynchronize(comm_stream_);
+  if (wgrad_stream_) cudaStreamSynchronize(wgrad_stream_);
   acts_.reset();
   timer_.reset();
   for (Unit& u : units_)
     if (u.ready) cudaEventDestroy(u.ready);
   for (cudaEvent_t e : {comm_done_, compute_mark_, w_slot_free_[0], w_slot_free_[1], w_slot_ready_[0],
-                        w_slot_ready_[1], g_slot_free_[0], g_slot_free_[1]})
+                        w_slot_ready_[1], g_slot_free_[0], g_slot_free_[1], wgrad_in_, wgrad_done_})
     if (e) cudaEventDestroy(e);
+  if (wgrad_stream_) cudaStreamDestroy(wgrad_stream_);
   if (comm_stream_) cudaStreamDestroy(comm_stream_);
   if (stream_) cudaStreamDestroy(stream_);
 }

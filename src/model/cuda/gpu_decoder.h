@@ -85,6 +85,10 @@ struct GpuDecoderOptions {
   bool bf16_grads = false;
   int zero = 0;  // ZeRO stage across the ranks of set_comm (above)
   bool timing = false;  // train.timing: CUDA events between the step's phases (take_phase_ms)
+  // Expert parallelism (parallel.ep_overlap): each MoE layer's expert weight gradients run on a
+  // second stream beside its return exchange and the rest of the layer's backward, up to the next
+  // MoE layer's expert backward. The GEMMs and their order are the same: the bits are too.
+  bool ep_overlap = false;
 };
 
 class GpuDecoder final : public ShardedState {
@@ -171,6 +175,8 @@ class GpuDecoder final : public ShardedState {
   void experts_forward_ep(int l);  // y.h2 -> a.dtmp through the experts' owners
   template <class G>
   void experts_backward_ep(int l, const LayerView<G>& g);  // a.dx -> a.dh (expert part), a.dw
+  template <class G>
+  void experts_backward_ep_split(int l, const LayerView<G>& g);  // the same, ep_overlap's order
   // ZeRO units and their collectives (gpu_decoder_zero.cpp).
   void build_units();
   void acquire_layer(int l, bool backward);  // before the layer's forward / recompute / backward
@@ -191,6 +197,7 @@ class GpuDecoder final : public ShardedState {
   void zero_stale_grads();                   // expert_grads_stale_: zero them now
   void wait_comm();                          // host: the pending collectives (timeout, not hang)
   void wait_comm_stream();                   // host: everything on both streams' collectives
+  void join_wgrad();                         // compute stream after the pending expert weight gradients
   double grad_norm2();
   void build_adam_runs();
   template <class T>
@@ -229,6 +236,12 @@ class GpuDecoder final : public ShardedState {
   int w_slot_layer_[2] = {-1, -1};
   cudaEvent_t w_slot_free_[2] = {}, g_slot_free_[2] = {}, w_slot_ready_[2] = {};
   cudaEvent_t comm_done_ = nullptr, compute_mark_ = nullptr;
+  // options().ep_overlap: the expert weight gradients' stream; wgrad_in_ (compute stream) their
+  // inputs ready, wgrad_done_ (wgrad stream) the last layer's done; pending until a join.
+  cudaStream_t wgrad_stream_ = nullptr;
+  cudaEvent_t wgrad_in_ = nullptr, wgrad_done_ = nullptr;
+  bool wgrad_pending_ = false;
+  int wgrad_sms_ = 0;  // SMs their persistent kernels may use: the rest stay free for communication
   bool last_micro_ = true, state_ready_ = false;
   // bf16 gradients: zero_grads leaves the expert units' whole gradients (most of the model) to the
   // next backward, whose grouped products overwrite them instead of adding to zeros (dw_overwrite_

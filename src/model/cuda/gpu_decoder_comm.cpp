@@ -169,6 +169,7 @@ void GpuDecoder::experts_forward_ep(int l) {
     a.ep_tmp = bf16_rows(a.ep_r_cap, D, Mem::workspace);
     a.ep_da = bf16_rows(a.ep_r_cap, F, Mem::workspace);
     a.ep_dgu = bf16_rows(a.ep_r_cap, 2 * F, Mem::workspace);
+    if (opt_.ep_overlap) a.ep_dxl = Buffer(), a.ep_dxl = bf16_rows(a.ep_r_cap, D, Mem::workspace);
   }
   if (Rt > a.ep_rt_cap || !a.ep_recv.data()) {
     a.ep_rt_cap = grow_rows(Rt);
@@ -230,6 +231,12 @@ void GpuDecoder::experts_backward_ep(int l, const LayerView<G>& g) {
   cuda::moe_permute(a.ep_send, a.dx, x.slot.as<int32_t>(), N, P, D, st);
   comm_pending_ = token_exchange_rows(*comm_.ep, p, a.ep_send, recv, D, DType::bf16, /*to_owners=*/true);
   mark("ep_exchange");
+  // The previous MoE layer's weight gradients (ep_overlap) read the shared buffers written below.
+  join_wgrad();
+  if (opt_.ep_overlap) {
+    experts_backward_ep_split(l, g);
+    return;
+  }
   if (Rt > 0)
     cuda::moe_combine_backward(dyl, a.ep_dgate.as<float>(), recv, el.yl.as<bf16>(), x.gate.as<float>(),
                                x.pos.as<int32_t>(), int(Rt), K, D, st);
@@ -255,6 +262,77 @@ void GpuDecoder::experts_backward_ep(int l, const LayerView<G>& g) {
   cuda::moe_permute_backward(a.dh, a.ep_send, x.slot.as<int32_t>(), N, P, D, st);
   mark("ep_exchange");
   cuda::moe_ep_gate_grads(a.dw, a.ep_send_gate, x.slot.as<int32_t>(), y.idx, N, K, E, P, st);
+}
+
+// ep_overlap: the same products, the input gradients first. Once dxl exists the return exchange
+// needs nothing else, so the weight gradients go to the wgrad stream, where they run beside the
+// exchange (and the waiting for a slower peer), the rest of this layer's backward and the next
+// MoE layer's outgoing exchange; that layer's expert backward joins them (join_wgrad) before it
+// rewrites their inputs. Their persistent kernels leave SMs free for the communication kernels
+// (a persistent kernel keeps its SMs to the end, so a collective launched after it would wait).
+template <class G>
+void GpuDecoder::experts_backward_ep_split(int l, const LayerView<G>& g) {
+  Acts& a = *acts_;
+  auto& y = a.layers[size_t(l)];
+  const LayerView<bf16>& w = w_.layers[size_t(l)];
+  const int N = a.N, E = int(c_.experts), K = int(c_.top_k), F = int(c_.expert_ffn), D = int(c_.hidden);
+  cudaStream_t st = stream_;
+  Acts::EpLayer& el = a.ep[size_t(l)];
+  const GpuTokenExchange& x = el.x;
+  const TokenExchangePlan& p = x.plan;
+  const int P = comm_.ep->size();
+  const size_t R = size_t(p.pairs_in()), Rt = size_t(p.tokens_in());
+  const int El = p.local_experts;
+  const bool keep = opt_.recompute == GpuRecompute::none;
+  bf16* xl = keep ? el.xl.as<bf16>() : a.ep_xl.as<bf16>();
+  bf16* act = keep ? el.a.as<bf16>() : a.ep_a.as<bf16>();
+  bf16* recv = a.ep_recv.as<bf16>();
+  bf16* dyl = a.ep_tmp.as<bf16>();
+  bf16* dxl = a.ep_dxl.as<bf16>();
+  const int32_t* off_d = x.local_offsets();
+  const int32_t* off_h = p.local_offsets.data();
+  if (Rt > 0)
+    cuda::moe_combine_backward(dyl, a.ep_dgate.as<float>(), recv, el.yl.as<bf16>(), x.gate.as<float>(),
+                               x.pos.as<int32_t>(), int(Rt), K, D, st);
+  if (R > 0) {
+    if (!keep) {
+      cuda::moe_permute(xl, el.xr.as<bf16>(), x.pos.as<int32_t>(), int(Rt), K, D, st);
+      cuda::swiglu_forward(act, el.gu.as<bf16>(), int(R), F, st);
+    }
+    cuda::grouped_matmul_backward(a.ep_da.as<bf16>(), static_cast<G*>(nullptr), dyl, act, w.w_down, off_d, off_h, El,
+                                  F, D, st);
+    cuda::swiglu_backward(a.ep_dgu.as<bf16>(), a.ep_da.as<bf16>(), el.gu.as<bf16>(), int(R), F, st);
+    cuda::grouped_matmul_backward(dxl, static_cast<G*>(nullptr), a.ep_dgu.as<bf16>(), xl, w.w_gu, off_d, off_h, El, D,
+                                  2 * F, st);
+  }
+  // The weight gradients on their stream (or zeros: no pairs here).
+  MOP_CUDA_CHECK(cudaEventRecord(wgrad_in_, st));
+  MOP_CUDA_CHECK(cudaStreamWaitEvent(wgrad_stream_, wgrad_in_, 0));
+  if (R > 0) {
+    const cuda::GroupedSmLimit limit(wgrad_sms_);
+    cuda::grouped_matmul_backward(nullptr, g.w_down, dyl, act, w.w_down, off_d, off_h, El, F, D, wgrad_stream_,
+                                  dw_overwrite_);
+    cuda::grouped_matmul_backward(nullptr, g.w_gu, a.ep_dgu.as<bf16>(), xl, w.w_gu, off_d, off_h, El, D, 2 * F,
+                                  wgrad_stream_, dw_overwrite_);
+  } else if (dw_overwrite_) {
+    MOP_CUDA_CHECK(cudaMemsetAsync(g.w_down, 0, size_t(El) * D * F * sizeof(G), wgrad_stream_));
+    MOP_CUDA_CHECK(cudaMemsetAsync(g.w_gu, 0, size_t(El) * 2 * F * D * sizeof(G), wgrad_stream_));
+  }
+  MOP_CUDA_CHECK(cudaEventRecord(wgrad_done_, wgrad_stream_));
+  wgrad_pending_ = true;
+  if (Rt > 0) cuda::moe_permute_backward(recv, dxl, x.pos.as<int32_t>(), int(Rt), K, D, st);
+  mark("backward");
+  token_exchange_rows(*comm_.ep, p, a.ep_dgate.data(), a.ep_send_gate, K, DType::f32, /*to_owners=*/false);
+  comm_pending_ = token_exchange_rows(*comm_.ep, p, recv, a.ep_send, D, DType::bf16, /*to_owners=*/false);
+  cuda::moe_permute_backward(a.dh, a.ep_send, x.slot.as<int32_t>(), N, P, D, st);
+  mark("ep_exchange");
+  cuda::moe_ep_gate_grads(a.dw, a.ep_send_gate, x.slot.as<int32_t>(), y.idx, N, K, E, P, st);
+}
+
+void GpuDecoder::join_wgrad() {
+  if (!wgrad_pending_) return;
+  MOP_CUDA_CHECK(cudaStreamWaitEvent(stream_, wgrad_done_, 0));
+  wgrad_pending_ = false;
 }
 
 template void GpuDecoder::experts_backward_ep(int, const LayerView<float>&);

@@ -159,6 +159,7 @@ void GpuDecoder::backward_pass(const ModelView<G>& g, float lb_scale) {
     layer_backward(l, g.layers[size_t(l)], lb_scale);
     release_layer(l, /*backward=*/true);
   }
+  join_wgrad();  // what reads the gradients next runs on the compute stream
   cuda::embedding_backward(g.embed, a.dx, a.tokens, N, D, V, a.workspace.data(), a.workspace_bytes, st);
   embed_grads_done();
   mark("backward");

@@ -243,6 +243,9 @@ void GpuDecoder::reduce_unit(Unit& u) {
   if (!u.sharded()) return;
   MOP_CUDA_CHECK(cudaEventRecord(compute_mark_, stream_));
   MOP_CUDA_CHECK(cudaStreamWaitEvent(comm_stream_, compute_mark_, 0));
+  // An expert unit's weight gradients may still be on their own stream (ep_overlap): the last
+  // recorded are this unit's layer's.
+  if (u.spec.experts && wgrad_pending_) MOP_CUDA_CHECK(cudaStreamWaitEvent(comm_stream_, wgrad_done_, 0));
   DType t{};
   if (u.g_slot) {
     const bf16* slot = g_slots_.as<bf16>() + size_t(u.spec.layer & 1) * slot_elems_ + u.slot_off;

@@ -91,6 +91,18 @@ bool use_cutlass(int I, int O) { return g_backend.load() == Backend::cutlass && 
 
 }  // namespace
 
+namespace {
+thread_local int g_sm_limit = 0;
+}  // namespace
+
+int detail::grouped_sm_limit() { return g_sm_limit; }
+
+GroupedSmLimit::GroupedSmLimit(int sms) : prev_(g_sm_limit) {
+  MOP_CHECK(sms >= 0, "GroupedSmLimit: {} SMs", sms);
+  g_sm_limit = sms;
+}
+GroupedSmLimit::~GroupedSmLimit() { g_sm_limit = prev_; }
+
 void set_grouped_gemm_backend(const char* name) {
   const std::string n = name ? name : "";
   if (n == "cublas")

@@ -23,6 +23,21 @@ namespace mop::cuda {
 void set_grouped_gemm_backend(const char* name);
 const char* grouped_gemm_backend();
 
+// While it lives, the CUTLASS grouped kernels this thread launches use at most `sms` SMs (their
+// persistent grid, in whole 2-SM clusters, at least one; 0 or more than the GPU has: all). For work run beside communication: a
+// persistent kernel holds its SMs to the end, so a collective launched after it on another stream
+// would otherwise wait for it to finish. The cuBLAS path is not limited.
+class GroupedSmLimit {
+ public:
+  explicit GroupedSmLimit(int sms);
+  ~GroupedSmLimit();
+  GroupedSmLimit(const GroupedSmLimit&) = delete;
+  GroupedSmLimit& operator=(const GroupedSmLimit&) = delete;
+
+ private:
+  int prev_;
+};
+
 void grouped_matmul_forward(__nv_bfloat16* y_MO, const __nv_bfloat16* x_MI, const __nv_bfloat16* w_EOI,
                             const int32_t* offsets_E1_device, const int32_t* offsets_E1_host, int E, int I, int O,
                             cudaStream_t stream);

@@ -12,9 +12,11 @@
 #include <cutlass/gemm/group_array_problem_shape.hpp>
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 
+#include <algorithm>
 #include <vector>
 
 #include "ops/cuda/blas.h"
+#include "ops/cuda/grouped_matmul_cutlass.h"
 #include "ops/cuda/check.cuh"
 #include "ops/cuda/grouped_matmul_cutlass.h"
 
@@ -148,7 +150,9 @@ int sm_count() {
     MOP_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, d));
     dev = d;
   }
-  return count;
+  // A limit is rounded down to whole 2-SM clusters (the kernels' cluster shape), at least one.
+  const int limit = grouped_sm_limit();
+  return limit > 0 && limit < count ? std::max(2, limit & ~1) : count;
 }
 
 template <class C>

@@ -9,6 +9,9 @@
 
 namespace mop::cuda::detail {
 
+// SMs a persistent grouped kernel launched by this thread may use (GroupedSmLimit; 0: all).
+int grouped_sm_limit();
+
 // Whether the CUTLASS kernels take these sizes (TMA: 16-byte aligned leading dimensions).
 bool cutlass_grouped_supported(int I, int O);
 // y_e = x_e @ w_e^T (bf16 out).
