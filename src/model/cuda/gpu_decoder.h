@@ -133,8 +133,9 @@ class GpuDecoder final : public ShardedState {
   // Timing the step without communication (mop bench --skip-steps), for expert parallelism too:
   // record_routing(true) keeps each MoE layer's top-k of every micro-batch of the following steps
   // (the last one's stays); skip_comm() then swaps every device group for a SkipGroup of the same
-  // ranks and streams and replays the recorded top-k in place of the router's, so a skipped step
-  // runs the same expert work on every rank as the recorded one. After synchronize(); one way: the
+  // ranks and streams and replays the recorded top-k in place of the router's (and the expert
+  // exchange's gathered counts), so a skipped step runs the same expert work on every rank as the
+  // recorded one, with no communication on its critical path. After synchronize(); one way: the
   // values are wrong from then on (nothing is moved), so the run ends after.
   void record_routing(bool on) { route_mode_ = on ? RouteLog::record : RouteLog::off; }
   void skip_comm();
@@ -257,6 +258,7 @@ class GpuDecoder final : public ShardedState {
   int micro_ = 0;  // micro-batches since zero_grads (the step's)
   enum class RouteLog : uint8_t { off, record, replay } route_mode_ = RouteLog::off;
   std::vector<Buffer> route_log_;  // (micro-batch, layer): (N, K) int32 ids, then (N, K) f32 weights
+  std::vector<std::vector<int64_t>> plan_log_;  // (micro-batch, layer): the exchange's gathered counts
   std::vector<std::unique_ptr<DeviceGroup>> skip_groups_;  // skip_comm(): the groups comm_ now names
 
   GpuComm comm_;

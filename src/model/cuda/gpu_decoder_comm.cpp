@@ -144,6 +144,19 @@ void GpuDecoder::experts_forward_ep(int l) {
   Acts::EpLayer& el = a.ep[size_t(l)];
   GpuTokenExchange& x = el.x;
   const int P = comm_.ep->size();
+  // Skipped steps replay the recorded step's routing, so its gathered counts are theirs too (the
+  // skipping group gathers nothing, and a host round trip would be communication the real step
+  // does not have).
+  const size_t key = size_t(micro_) * size_t(c_.layers) + size_t(l);
+  if (route_mode_ == RouteLog::record && x.device_plan) {
+    if (plan_log_.size() <= key) plan_log_.resize(key + 1);
+    plan_log_[key].assign(x.plan_host.data(), x.plan_host.data() + x.plan_host.size());
+  } else if (route_mode_ == RouteLog::replay) {
+    MOP_CHECK(key < plan_log_.size() && plan_log_[key].size() == x.plan_host.size(),
+              "GpuDecoder: no recorded exchange counts for micro-batch {}, layer {}", micro_, l);
+    std::copy(plan_log_[key].begin(), plan_log_[key].end(), x.plan_host.data());
+    x.device_plan = true;
+  }
   token_exchange_plan(x, *comm_.ep_host, y.offsets_host.data(), st);
   const TokenExchangePlan& p = x.plan;
   const size_t R = size_t(p.pairs_in()), Rt = size_t(p.tokens_in());
