@@ -176,8 +176,6 @@ class GpuDecoder final : public ShardedState {
   void experts_forward_ep(int l);  // y.h2 -> a.dtmp through the experts' owners
   template <class G>
   void experts_backward_ep(int l, const LayerView<G>& g);  // a.dx -> a.dh (expert part), a.dw
-  template <class G>
-  void experts_backward_ep_split(int l, const LayerView<G>& g);  // the same, ep_overlap's order
   // ZeRO units and their collectives (gpu_decoder_zero.cpp).
   void build_units();
   void acquire_layer(int l, bool backward);  // before the layer's forward / recompute / backward

@@ -217,6 +217,12 @@ void GpuDecoder::experts_forward_ep(int l) {
   mark("ep_exchange");
 }
 
+// With ep_overlap the weight gradients go to the wgrad stream once dxl exists (the return exchange
+// needs nothing else): there they run beside the exchange (and the waiting for a slower peer), the
+// rest of this layer's backward and the next MoE layer's outgoing exchange; that layer joins them
+// (join_wgrad) before it rewrites their inputs. Their persistent kernels leave SMs free for the
+// communication kernels (a persistent kernel keeps its SMs to the end, so a collective launched
+// after it would wait). Without it, the same products in the same order on the compute stream.
 template <class G>
 void GpuDecoder::experts_backward_ep(int l, const LayerView<G>& g) {
   Acts& a = *acts_;
@@ -232,107 +238,56 @@ void GpuDecoder::experts_backward_ep(int l, const LayerView<G>& g) {
   const int P = comm_.ep->size();
   const size_t R = size_t(p.pairs_in()), Rt = size_t(p.tokens_in());
   const int El = p.local_experts;
-  const bool keep = opt_.recompute == GpuRecompute::none;
+  const bool keep = opt_.recompute == GpuRecompute::none, overlap = opt_.ep_overlap;
   bf16* xl = keep ? el.xl.as<bf16>() : a.ep_xl.as<bf16>();
   bf16* act = keep ? el.a.as<bf16>() : a.ep_a.as<bf16>();
   bf16* recv = a.ep_recv.as<bf16>();
-  bf16* dyl = a.ep_tmp.as<bf16>();  // then dxl: the first GEMM has read dyl by then
+  bf16* dyl = a.ep_tmp.as<bf16>();
+  bf16* dxl = overlap ? a.ep_dxl.as<bf16>() : dyl;  // in place: dyl's last reader runs first
+  bf16* da = a.ep_da.as<bf16>();
+  bf16* dgu = a.ep_dgu.as<bf16>();
   const int32_t* off_d = x.local_offsets();
   const int32_t* off_h = p.local_offsets.data();
+  G* const no_dw = nullptr;
   // d(expert output) once to each owner; there, each pair's gradient and its gate's.
   mark("backward");
   cuda::moe_permute(a.ep_send, a.dx, x.slot.as<int32_t>(), N, P, D, st);
   comm_pending_ = token_exchange_rows(*comm_.ep, p, a.ep_send, recv, D, DType::bf16, /*to_owners=*/true);
   mark("ep_exchange");
-  // The previous MoE layer's weight gradients (ep_overlap) read the shared buffers written below.
-  join_wgrad();
-  if (opt_.ep_overlap) {
-    experts_backward_ep_split(l, g);
-    return;
-  }
+  join_wgrad();  // the previous MoE layer's weight gradients read the buffers written below
   if (Rt > 0)
     cuda::moe_combine_backward(dyl, a.ep_dgate.as<float>(), recv, el.yl.as<bf16>(), x.gate.as<float>(),
                                x.pos.as<int32_t>(), int(Rt), K, D, st);
+  cudaStream_t ws = overlap ? wgrad_stream_ : st;
   if (R > 0) {
     if (!keep) {  // the forward's bits again: the same expansion and SwiGLU
       cuda::moe_permute(xl, el.xr.as<bf16>(), x.pos.as<int32_t>(), int(Rt), K, D, st);
       cuda::swiglu_forward(act, el.gu.as<bf16>(), int(R), F, st);
     }
-    cuda::grouped_matmul_backward(a.ep_da.as<bf16>(), g.w_down, dyl, act, w.w_down, off_d, off_h, El, F, D, st,
-                                  dw_overwrite_);
-    cuda::swiglu_backward(a.ep_dgu.as<bf16>(), a.ep_da.as<bf16>(), el.gu.as<bf16>(), int(R), F, st);
-    cuda::grouped_matmul_backward(dyl, g.w_gu, a.ep_dgu.as<bf16>(), xl, w.w_gu, off_d, off_h, El, D,
-                                  2 * F, st, dw_overwrite_);
+    cuda::grouped_matmul_backward(da, no_dw, dyl, act, w.w_down, off_d, off_h, El, F, D, st);
+    if (!overlap) cuda::grouped_matmul_backward(nullptr, g.w_down, dyl, act, w.w_down, off_d, off_h, El, F, D, st,
+                                                dw_overwrite_);
+    cuda::swiglu_backward(dgu, da, el.gu.as<bf16>(), int(R), F, st);
+    cuda::grouped_matmul_backward(dxl, no_dw, dgu, xl, w.w_gu, off_d, off_h, El, D, 2 * F, st);
+  }
+  if (overlap) {
+    MOP_CUDA_CHECK(cudaEventRecord(wgrad_in_, st));
+    MOP_CUDA_CHECK(cudaStreamWaitEvent(ws, wgrad_in_, 0));
+  }
+  if (R > 0) {
+    const cuda::GroupedSmLimit limit(overlap ? wgrad_sms_ : 0);
+    if (overlap) cuda::grouped_matmul_backward(nullptr, g.w_down, dyl, act, w.w_down, off_d, off_h, El, F, D, ws,
+                                               dw_overwrite_);
+    cuda::grouped_matmul_backward(nullptr, g.w_gu, dgu, xl, w.w_gu, off_d, off_h, El, D, 2 * F, ws, dw_overwrite_);
   } else if (dw_overwrite_) {  // no pairs here: the local experts' gradients are zero
-    MOP_CUDA_CHECK(cudaMemsetAsync(g.w_down, 0, size_t(El) * D * F * sizeof(G), st));
-    MOP_CUDA_CHECK(cudaMemsetAsync(g.w_gu, 0, size_t(El) * 2 * F * D * sizeof(G), st));
+    MOP_CUDA_CHECK(cudaMemsetAsync(g.w_down, 0, size_t(El) * D * F * sizeof(G), ws));
+    MOP_CUDA_CHECK(cudaMemsetAsync(g.w_gu, 0, size_t(El) * 2 * F * D * sizeof(G), ws));
+  }
+  if (overlap) {
+    MOP_CUDA_CHECK(cudaEventRecord(wgrad_done_, ws));
+    wgrad_pending_ = true;
   }
   // Each token's pair gradients summed (recv is free again), back home with the gate gradients.
-  if (Rt > 0) cuda::moe_permute_backward(recv, dyl, x.pos.as<int32_t>(), int(Rt), K, D, st);
-  mark("backward");
-  token_exchange_rows(*comm_.ep, p, a.ep_dgate.data(), a.ep_send_gate, K, DType::f32, /*to_owners=*/false);
-  comm_pending_ = token_exchange_rows(*comm_.ep, p, recv, a.ep_send, D, DType::bf16, /*to_owners=*/false);
-  cuda::moe_permute_backward(a.dh, a.ep_send, x.slot.as<int32_t>(), N, P, D, st);
-  mark("ep_exchange");
-  cuda::moe_ep_gate_grads(a.dw, a.ep_send_gate, x.slot.as<int32_t>(), y.idx, N, K, E, P, st);
-}
-
-// ep_overlap: the same products, the input gradients first. Once dxl exists the return exchange
-// needs nothing else, so the weight gradients go to the wgrad stream, where they run beside the
-// exchange (and the waiting for a slower peer), the rest of this layer's backward and the next
-// MoE layer's outgoing exchange; that layer's expert backward joins them (join_wgrad) before it
-// rewrites their inputs. Their persistent kernels leave SMs free for the communication kernels
-// (a persistent kernel keeps its SMs to the end, so a collective launched after it would wait).
-template <class G>
-void GpuDecoder::experts_backward_ep_split(int l, const LayerView<G>& g) {
-  Acts& a = *acts_;
-  auto& y = a.layers[size_t(l)];
-  const LayerView<bf16>& w = w_.layers[size_t(l)];
-  const int N = a.N, E = int(c_.experts), K = int(c_.top_k), F = int(c_.expert_ffn), D = int(c_.hidden);
-  cudaStream_t st = stream_;
-  Acts::EpLayer& el = a.ep[size_t(l)];
-  const GpuTokenExchange& x = el.x;
-  const TokenExchangePlan& p = x.plan;
-  const int P = comm_.ep->size();
-  const size_t R = size_t(p.pairs_in()), Rt = size_t(p.tokens_in());
-  const int El = p.local_experts;
-  const bool keep = opt_.recompute == GpuRecompute::none;
-  bf16* xl = keep ? el.xl.as<bf16>() : a.ep_xl.as<bf16>();
-  bf16* act = keep ? el.a.as<bf16>() : a.ep_a.as<bf16>();
-  bf16* recv = a.ep_recv.as<bf16>();
-  bf16* dyl = a.ep_tmp.as<bf16>();
-  bf16* dxl = a.ep_dxl.as<bf16>();
-  const int32_t* off_d = x.local_offsets();
-  const int32_t* off_h = p.local_offsets.data();
-  if (Rt > 0)
-    cuda::moe_combine_backward(dyl, a.ep_dgate.as<float>(), recv, el.yl.as<bf16>(), x.gate.as<float>(),
-                               x.pos.as<int32_t>(), int(Rt), K, D, st);
-  if (R > 0) {
-    if (!keep) {
-      cuda::moe_permute(xl, el.xr.as<bf16>(), x.pos.as<int32_t>(), int(Rt), K, D, st);
-      cuda::swiglu_forward(act, el.gu.as<bf16>(), int(R), F, st);
-    }
-    cuda::grouped_matmul_backward(a.ep_da.as<bf16>(), static_cast<G*>(nullptr), dyl, act, w.w_down, off_d, off_h, El,
-                                  F, D, st);
-    cuda::swiglu_backward(a.ep_dgu.as<bf16>(), a.ep_da.as<bf16>(), el.gu.as<bf16>(), int(R), F, st);
-    cuda::grouped_matmul_backward(dxl, static_cast<G*>(nullptr), a.ep_dgu.as<bf16>(), xl, w.w_gu, off_d, off_h, El, D,
-                                  2 * F, st);
-  }
-  // The weight gradients on their stream (or zeros: no pairs here).
-  MOP_CUDA_CHECK(cudaEventRecord(wgrad_in_, st));
-  MOP_CUDA_CHECK(cudaStreamWaitEvent(wgrad_stream_, wgrad_in_, 0));
-  if (R > 0) {
-    const cuda::GroupedSmLimit limit(wgrad_sms_);
-    cuda::grouped_matmul_backward(nullptr, g.w_down, dyl, act, w.w_down, off_d, off_h, El, F, D, wgrad_stream_,
-                                  dw_overwrite_);
-    cuda::grouped_matmul_backward(nullptr, g.w_gu, a.ep_dgu.as<bf16>(), xl, w.w_gu, off_d, off_h, El, D, 2 * F,
-                                  wgrad_stream_, dw_overwrite_);
-  } else if (dw_overwrite_) {
-    MOP_CUDA_CHECK(cudaMemsetAsync(g.w_down, 0, size_t(El) * D * F * sizeof(G), wgrad_stream_));
-    MOP_CUDA_CHECK(cudaMemsetAsync(g.w_gu, 0, size_t(El) * 2 * F * D * sizeof(G), wgrad_stream_));
-  }
-  MOP_CUDA_CHECK(cudaEventRecord(wgrad_done_, wgrad_stream_));
-  wgrad_pending_ = true;
   if (Rt > 0) cuda::moe_permute_backward(recv, dxl, x.pos.as<int32_t>(), int(Rt), K, D, st);
   mark("backward");
   token_exchange_rows(*comm_.ep, p, a.ep_dgate.data(), a.ep_send_gate, K, DType::f32, /*to_owners=*/false);
