@@ -32,7 +32,7 @@ def shape(r):
 
 
 def layout(r):
-    return f"zero {r.get('zero', 0)}, ep {r.get('ep', 1)}"
+    return f"zero {r.get('zero', 0)}, ep {r.get('ep', 1)}" + (", ep_overlap" if r.get("ep_overlap") else "")
 
 
 def main(paths):
