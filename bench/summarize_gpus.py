@@ -32,7 +32,8 @@ def shape(r):
 
 
 def layout(r):
-    return f"zero {r.get('zero', 0)}, ep {r.get('ep', 1)}" + (", ep_overlap" if r.get("ep_overlap") else "")
+    return (f"zero {r.get('zero', 0)}, ep {r.get('ep', 1)}" + (", ep_overlap" if r.get("ep_overlap") else "")
+            + (f", {r['checkpointing']} recompute" if r.get("checkpointing") else ""))
 
 
 def main(paths):

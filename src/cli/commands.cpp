@@ -109,6 +109,7 @@ int bench(const BenchArgs& a) {
   j["zero"] = cfg.parallel.zero;
   j["gpu_comm"] = cfg.parallel.gpu_comm;
   j["ep_overlap"] = cfg.parallel.ep_overlap;
+  j["checkpointing"] = cfg.train.checkpointing;
   j["seq"] = cfg.train.seq_len;
   j["batch"] = cfg.train.batch;
   j["grad_accum"] = cfg.train.grad_accum;
