@@ -87,7 +87,8 @@ struct GpuDecoderOptions {
   bool timing = false;  // train.timing: CUDA events between the step's phases (take_phase_ms)
   // Expert parallelism (parallel.ep_overlap): each MoE layer's expert weight gradients run on a
   // second stream beside its return exchange and the rest of the layer's backward, up to the next
-  // MoE layer's expert backward. The GEMMs and their order are the same: the bits are too.
+  // MoE layer's expert backward. The GEMMs and their order are the same: the bits are too. Off by
+  // default: 1.3% slower on two H200s (bench/results/2026-11-29-h200x2-b.md).
   bool ep_overlap = false;
 };
 
