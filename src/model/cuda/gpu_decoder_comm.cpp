@@ -177,12 +177,13 @@ void GpuDecoder::experts_forward_ep(int l) {
   }
   if (R > a.ep_r_cap) {
     a.ep_r_cap = grow_rows(R);
-    a.ep_xl = Buffer(), a.ep_a = Buffer(), a.ep_tmp = Buffer(), a.ep_da = Buffer(), a.ep_dgu = Buffer();
+    a.ep_xl = Buffer(), a.ep_a = Buffer(), a.ep_tmp = Buffer(), a.ep_da = Buffer(), a.ep_dgu = Buffer(),
+    a.ep_dxl = Buffer();
     if (!keep) a.ep_xl = bf16_rows(a.ep_r_cap, D, Mem::activations), a.ep_a = bf16_rows(a.ep_r_cap, F, Mem::activations);
     a.ep_tmp = bf16_rows(a.ep_r_cap, D, Mem::workspace);
     a.ep_da = bf16_rows(a.ep_r_cap, F, Mem::workspace);
     a.ep_dgu = bf16_rows(a.ep_r_cap, 2 * F, Mem::workspace);
-    if (opt_.ep_overlap) a.ep_dxl = Buffer(), a.ep_dxl = bf16_rows(a.ep_r_cap, D, Mem::workspace);
+    if (opt_.ep_overlap) a.ep_dxl = bf16_rows(a.ep_r_cap, D, Mem::workspace);
   }
   if (Rt > a.ep_rt_cap || !a.ep_recv.data()) {
     a.ep_rt_cap = grow_rows(Rt);

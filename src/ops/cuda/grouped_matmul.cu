@@ -89,10 +89,8 @@ const void** build_pointers(const int32_t* offsets_device, int E, const PtrSpecs
 // CUTLASS's TMA kernels need 16-byte aligned rows; other sizes take the cuBLAS path.
 bool use_cutlass(int I, int O) { return g_backend.load() == Backend::cutlass && detail::cutlass_grouped_supported(I, O); }
 
-}  // namespace
+thread_local int g_sm_limit = 0;  // GroupedSmLimit
 
-namespace {
-thread_local int g_sm_limit = 0;
 }  // namespace
 
 int detail::grouped_sm_limit() { return g_sm_limit; }

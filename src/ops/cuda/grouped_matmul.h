@@ -15,18 +15,18 @@
 namespace mop::cuda {
 
 // Process-wide backend choice:
-//  "cublas": cublasGemmGroupedBatchedEx for y and dx; one cublasGemmEx per non-empty
-//    expert for dw (grouped cuBLAS has no bf16-in / fp32-out mode, and dw must accumulate in fp32).
-//  "cutlass" (default): CUTLASS 3 Hopper persistent grouped GEMMs (one kernel per product, dw included) when
-//    I and O are multiples of 8 (TMA alignment); other sizes fall back to the cuBLAS path.
+//  "cublas": cublasGemmGroupedBatchedEx for y and dx; one cublasGemmEx per non-empty expert for dw
+//    (grouped cuBLAS has no bf16-in / fp32-out mode, and dw must accumulate in fp32).
+//  "cutlass" (default): CUTLASS 3 Hopper persistent grouped GEMMs (one kernel per product, dw
+//    included) when I and O are multiples of 8 (TMA alignment); other sizes take the cuBLAS path.
 // Throws mop::Error for an unknown name.
 void set_grouped_gemm_backend(const char* name);
 const char* grouped_gemm_backend();
 
 // While it lives, the CUTLASS grouped kernels this thread launches use at most `sms` SMs (their
-// persistent grid, in whole 2-SM clusters, at least one; 0 or more than the GPU has: all). For work run beside communication: a
-// persistent kernel holds its SMs to the end, so a collective launched after it on another stream
-// would otherwise wait for it to finish. The cuBLAS path is not limited.
+// persistent grid, in whole 2-SM clusters, at least one; 0 or more than the GPU has: all). For
+// work run beside communication: a persistent kernel holds its SMs to the end, so a collective
+// launched after it on another stream would otherwise wait for it. The cuBLAS path is not limited.
 class GroupedSmLimit {
  public:
   explicit GroupedSmLimit(int sms);

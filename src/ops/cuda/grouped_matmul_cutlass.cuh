@@ -16,7 +16,6 @@
 #include <vector>
 
 #include "ops/cuda/blas.h"
-#include "ops/cuda/grouped_matmul_cutlass.h"
 #include "ops/cuda/check.cuh"
 #include "ops/cuda/grouped_matmul_cutlass.h"
 
