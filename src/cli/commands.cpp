@@ -109,6 +109,7 @@ int bench(const BenchArgs& a) {
   j["zero"] = cfg.parallel.zero;
   j["gpu_comm"] = cfg.parallel.gpu_comm;
   j["ep_overlap"] = cfg.parallel.ep_overlap;
+  j["ep_balance"] = cfg.parallel.ep_balance;
   j["checkpointing"] = cfg.train.checkpointing;
   j["seq"] = cfg.train.seq_len;
   j["batch"] = cfg.train.batch;
@@ -143,6 +144,17 @@ int bench(const BenchArgs& a) {
   };
   if (r.phase_ms.size() == r.step_seconds.size() && !r.phase_ms.empty())
     j["phase_ms_median"] = phase_medians(r.phase_ms, size_t(a.warmup));
+  // Expert parallelism: how uneven the ranks' expert work was over the timed steps (medians).
+  if (r.ep_load.size() == r.step_seconds.size() && int64_t(r.ep_load.size()) > a.warmup) {
+    auto median_of = [&](auto v) {
+      v.erase(v.begin(), v.begin() + a.warmup);
+      std::sort(v.begin(), v.end());
+      return v[v.size() / 2];
+    };
+    j["ep_load_max_over_mean"] = median_of(r.ep_load);
+    j["ep_load_max_over_mean_unbalanced"] = median_of(r.ep_load_unbalanced);
+    j["ep_guest_pairs"] = median_of(r.ep_guest_pairs);
+  }
   // The same steps with their communication skipped: the exposed share is what the skipping saves.
   if (!r.skip_step_seconds.empty()) {
     std::vector<double> skipped = r.skip_step_seconds;

@@ -12,6 +12,13 @@
 // per destination rank, so each source knows where its pairs land on their owners and no second
 // round is needed. Expert-major pair rows on an owner are (local expert, source, the source's
 // expert-sorted order), the same order as expert_dispatch's: the grouped GEMM sees the same rows.
+//
+// Balanced (parallel/expert_balance.h): a moved block (s, e) leaves e's rows on its owner and
+// becomes guest rows on s, after s's own experts' rows, in the source's expert-sorted order: guest
+// experts ascending, so grouped by lending owner, each owner's experts ascending. s still sends
+// each token to every owner of one of its experts (the token counts are gathered before the plan
+// exists); a pair that moved is marked absent on the owner (dest_base -1), so a token whose only
+// pairs there moved travels with no pair and comes back as a zero row.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -26,18 +33,33 @@ struct TokenExchangePlan {
   std::vector<size_t> send_tokens;      // (ep) token rows this rank sends to each rank
   std::vector<size_t> recv_tokens;      // (ep) token rows arriving from each rank
   std::vector<int32_t> local_offsets;   // (El + 1) expert-major pair rows of the local experts
-  std::vector<int32_t> dest_base;       // (E) first row of this rank's pairs of expert e on e's owner
+  std::vector<int32_t> dest_base;       // (E) first row of this rank's pairs of expert e on e's owner; -1: moved
+  // Balancing (all empty, balanced false, without moved blocks):
+  bool balanced = false;                // some block of the layer moved: every rank joins the weight exchanges
+  std::vector<int32_t> guest_experts;   // (G) global experts this rank computes its own pairs of, ascending
+  std::vector<int32_t> guest_offsets;   // (G + 1) their rows, counted from the end of the local experts' rows
+  std::vector<int32_t> guest_base;      // (E) first guest row of expert e, or -1
+  std::vector<std::vector<int32_t>> lent;  // (ep) local experts lent to each rank (its guests), ascending
+  std::vector<size_t> borrowed;         // (ep) guest experts from each owner
+  // Expert pairs computed per rank of the group (balanced) and without the moves: their largest and sum.
+  int64_t load_max = 0, load_max_unbalanced = 0, load_total = 0;
   int64_t tokens_out() const;           // S: rows this rank sends
   int64_t tokens_in() const;            // Rt: rows it receives
   int64_t pairs_in() const { return local_offsets.back(); }  // R: rows its local experts process
+  int64_t guest_pairs() const { return guest_offsets.empty() ? 0 : guest_offsets.back(); }  // Rg
+  size_t lent_out() const;              // experts this rank lends, over all borrowers
 };
 
 // counts: (ep, E + ep) for every rank s of the group: [pairs s routed to each global expert,
-// tokens s sends to each rank]. Pure.
-TokenExchangePlan make_token_exchange_plan(int ep, int rank, int E, const int64_t* counts);
+// tokens s sends to each rank]. moved: (ep, E) 0/1 from plan_expert_balance, or empty. Pure.
+TokenExchangePlan make_token_exchange_plan(int ep, int rank, int E, const int64_t* counts,
+                                           const std::vector<uint8_t>& moved = {});
 
+struct ExpertBalanceOptions;
 // Collective over ep (one all-gather of E + ep counts). offsets_E1: this rank's expert-sorted pair
-// offsets over all E experts; tokens_ep: tokens it sends to each rank of the group.
-TokenExchangePlan plan_token_exchange(ProcessGroup& ep, const int32_t* offsets_E1, int E, const int32_t* tokens_ep);
+// offsets over all E experts; tokens_ep: tokens it sends to each rank of the group. balance: the
+// moves of plan_expert_balance, or none.
+TokenExchangePlan plan_token_exchange(ProcessGroup& ep, const int32_t* offsets_E1, int E, const int32_t* tokens_ep,
+                                      const ExpertBalanceOptions* balance = nullptr);
 
 }  // namespace mop

@@ -156,6 +156,16 @@ const std::vector<Field>& fields() {
       F("parallel.ep_overlap", parallel.ep_overlap,
         "GPU with parallel.ep > 1: each MoE layer's expert weight gradients run on a second stream beside its "
         "return exchange and the backward after it (same bits)"),
+      F("parallel.ep_balance", parallel.ep_balance,
+        "GPU with parallel.ep > 1: each MoE layer moves blocks of pairs from the most loaded ranks to the ranks that "
+        "routed them, which compute them with the experts' weights lent on a side stream (least-loaded balancing; "
+        "same math, other summation order)"),
+      F("parallel.ep_balance_min_rows", parallel.ep_balance_min_rows,
+        "parallel.ep_balance: the smallest block of (token, expert) pairs, and the smallest lowering of the largest "
+        "load, worth moving"),
+      F("parallel.ep_balance_max_guests", parallel.ep_balance_max_guests,
+        "parallel.ep_balance: experts one rank may compute as a guest per layer (each borrowed expert keeps 3 x hidden "
+        "x expert_ffn bf16 weights until the layer's backward)"),
       F("run.name", run.name, "run name; default: the model preset"),
       F("run.dir", run.dir, "where config.toml, metrics.jsonl and checkpoints go; default runs/<name>"),
       F("run.memory_limit_gib", run.memory_limit_gib, "cap on tracked memory in GiB; 0 = none"),
@@ -305,6 +315,11 @@ void Config::validate() const {
   MOP_CHECK(parallel.ep >= 1 && model.experts % parallel.ep == 0,
             "parallel.ep = {} must be >= 1 and divide model.experts = {}", parallel.ep, model.experts);
   MOP_CHECK(parallel.world >= 0 && parallel.timeout_s > 0, "parallel.world must be >= 0 and parallel.timeout_s > 0");
+  MOP_CHECK(parallel.ep_balance_min_rows >= 0, "parallel.ep_balance_min_rows must not be negative, got {}",
+            parallel.ep_balance_min_rows);
+  MOP_CHECK(parallel.ep_balance_max_guests >= 1 && parallel.ep_balance_max_guests <= model.experts,
+            "parallel.ep_balance_max_guests must be between 1 and model.experts = {}, got {}", model.experts,
+            parallel.ep_balance_max_guests);
   MOP_CHECK(parallel.gpu_comm == "nccl" || parallel.gpu_comm == "host" || parallel.gpu_comm == "skip",
             "parallel.gpu_comm must be 'nccl', 'host' or 'skip', got '{}'", parallel.gpu_comm);
   MOP_CHECK(run.memory_limit_gib >= 0, "run.memory_limit_gib must be >= 0, got {}", run.memory_limit_gib);

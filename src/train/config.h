@@ -67,6 +67,9 @@ struct ParallelConfig {
   double timeout_s = 600;          // a collective waiting longer than this fails, naming the group and operation
   std::string gpu_comm = "nccl";   // device collectives: nccl | host (through Gloo; ranks may share a GPU) | skip (timing)
   bool ep_overlap = false;         // GPU, ep > 1: expert weight gradients on a second stream beside the exchange
+  bool ep_balance = false;         // GPU, ep > 1: least-loaded balancing of each MoE layer (parallel/expert_balance.h)
+  int64_t ep_balance_min_rows = 128;   // smallest block of pairs, and smallest gain, a move is made for
+  int64_t ep_balance_max_guests = 4;   // experts a rank computes as a guest per layer (their weights lent to it)
 };
 
 struct Config {

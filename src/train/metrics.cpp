@@ -33,6 +33,11 @@ void MetricsLog::write(const StepMetrics& m) {
   j["tokens"] = m.tokens;
   j["elapsed_s"] = m.elapsed_s;
   if (m.eval_loss) j["eval_loss"] = *m.eval_loss;
+  if (m.ep_load > 0) {
+    j["ep_load_max_over_mean"] = m.ep_load;
+    j["ep_load_max_over_mean_unbalanced"] = m.ep_load_unbalanced;
+    j["ep_guest_pairs"] = m.ep_guest_pairs;
+  }
   if (!m.phase_ms.empty()) {
     nlohmann::json ph = nlohmann::json::object();
     for (const auto& [name, ms] : m.phase_ms) ph[name] = ms;
@@ -49,6 +54,10 @@ std::string progress_line(const StepMetrics& m) {
                               m.grad_norm, human_count(m.tokens_per_s), 100.0 * m.mfu, m.mem_gib,
                               human_seconds(m.eta_s));
   if (m.eval_loss) s += fmt::format(" | eval {:.4f}", *m.eval_loss);
+  if (m.ep_load > 0) {
+    s += fmt::format(" | ep load {:.2f}", m.ep_load);
+    if (m.ep_load_unbalanced != m.ep_load) s += fmt::format(" (unbalanced {:.2f})", m.ep_load_unbalanced);
+  }
   if (!m.phase_ms.empty()) {
     s += " | ms";
     for (const auto& [name, ms] : m.phase_ms) s += fmt::format(" {} {:.1f}", name, ms);

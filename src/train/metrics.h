@@ -25,6 +25,12 @@ struct StepMetrics {
   double eta_s = 0;
   std::optional<double> eval_loss;
   std::vector<std::pair<std::string, double>> phase_ms;  // train.timing: GPU step phases (ms)
+  // GPU expert parallelism: the MoE layers' largest rank load over the mean rank load, summed over
+  // the step's layers (1 = even; the lighter ranks wait at each exchange for the rest), with
+  // parallel.ep_balance's moves and without them, and this rank's pairs computed as a guest.
+  // 0: not expert parallel.
+  double ep_load = 0, ep_load_unbalanced = 0;
+  int64_t ep_guest_pairs = 0;
 };
 
 class MetricsLog {

@@ -204,6 +204,9 @@ Trainer::Trainer(Config cfg, TrainOptions opt) : cfg_(std::move(cfg)), opt_(std:
     go.zero = int(cfg_.parallel.zero);
     go.timing = cfg_.train.timing;
     go.ep_overlap = cfg_.parallel.ep_overlap;
+    go.ep_balance = cfg_.parallel.ep_balance;
+    go.balance.min_rows = cfg_.parallel.ep_balance_min_rows;
+    go.balance.max_guests = int(cfg_.parallel.ep_balance_max_guests);
     if (parallel) {  // one GPU per local rank (NCCL), or ranks sharing GPUs (collectives staged through the host)
       const int gpus = cuda::device_count();
       const bool may_share = cfg_.parallel.gpu_comm != "nccl";  // host or skip: no NCCL communicator
@@ -233,7 +236,7 @@ Trainer::Trainer(Config cfg, TrainOptions opt) : cfg_(std::move(cfg)), opt_(std:
 
 #ifdef MOP_HAVE_CUDA
 struct Trainer::GpuGroups {
-  std::unique_ptr<DeviceGroup> world, ep, edp;
+  std::unique_ptr<DeviceGroup> world, ep, edp, ep_side;
 };
 #else
 struct Trainer::GpuGroups {};
@@ -255,7 +258,7 @@ void Trainer::setup_gpu_comm() {
   auto make = [&](ProcessGroup& host, const char* name, cudaStream_t stream) -> std::unique_ptr<DeviceGroup> {
     if (host.size() == 1) return nullptr;
     if (staged)  // on its own host group: its worker thread runs the collectives
-      return std::make_unique<StagedGroup>(groups_->twin(host, "staged"), device, stream, name,
+      return std::make_unique<StagedGroup>(groups_->twin(host, fmt::format("staged_{}", name)), device, stream, name,
                                            std::chrono::milliseconds(int64_t(cfg_.parallel.timeout_s * 1000)));
     if (skip) return std::make_unique<SkipGroup>(host.rank(), host.size(), device, stream, name);
 #ifdef MOP_HAVE_NCCL
@@ -270,8 +273,11 @@ void Trainer::setup_gpu_comm() {
   gpu_groups_->world = make(*groups_->world, "world", gpu_->comm_stream());
   gpu_groups_->ep = make(*groups_->ep, "ep", gpu_->stream());
   gpu_groups_->edp = make(*groups_->edp, "edp", gpu_->comm_stream());
+  // parallel.ep_balance: the ep ranks again, on the side stream that lends the experts' weights
+  // beside the exchange (its own communicator, so the two run concurrently).
+  if (cfg_.parallel.ep_balance) gpu_groups_->ep_side = make(*groups_->ep, "ep_side", gpu_->side_stream());
   gpu_->set_comm(GpuComm{groups_->world.get(), groups_->ep.get(), gpu_groups_->world.get(), gpu_groups_->ep.get(),
-                         gpu_groups_->edp.get()});
+                         gpu_groups_->edp.get(), gpu_groups_->ep_side.get()});
 #endif
 }
 
@@ -295,14 +301,22 @@ void Trainer::setup_parallel(const std::string& device) {
             "train.batch = {} sequences per micro-batch (the global batch) cannot be split evenly over {} "
             "data-parallel ranks",
             cfg_.train.batch, world);
+  MOP_CHECK(!(pc.ep_balance && ep > 1 && device == "cpu"),
+            "parallel.ep_balance (least-loaded expert balancing) is implemented on the GPU only; the CPU backend's "
+            "parallel.ep = {} exchanges every pair with its expert's owner (set parallel.ep_balance = false)",
+            ep);
   groups_ = std::make_unique<Groups>(
       make_groups(rank_, ep, std::chrono::milliseconds(int64_t(pc.timeout_s * 1000))));
   const int El = int(cfg_.model.experts) / ep;
   table_ = build_param_table(cfg_.model, cfg_.train.decay_embeddings, ExpertRange{groups_->ep->rank() * El, El});
   cfg_.parallel.world = world;  // the run's config records the layout it ran with
   log(fmt::format("layout: world {} (data parallel {}), zero {}, ep {} x {} expert replicas, experts {}..{} on rank "
-                  "0's expert group, {} sequences per rank per micro-batch",
-                  world, world, zero, ep, world / ep, 0, El - 1, cfg_.train.batch / world));
+                  "0's expert group, {} sequences per rank per micro-batch{}",
+                  world, world, zero, ep, world / ep, 0, El - 1, cfg_.train.batch / world,
+                  pc.ep_balance && ep > 1
+                      ? fmt::format(", least-loaded balancing (blocks of {}+ pairs, {} guest experts a layer)",
+                                    pc.ep_balance_min_rows, pc.ep_balance_max_guests)
+                      : std::string()));
 }
 
 void Trainer::sum_over_ranks(double* v, size_t n) {
@@ -603,6 +617,13 @@ TrainResult Trainer::run() {
     m.eta_s = train_time / double(res.losses.size() + 1) * double(tc.steps - state_.step);
 #ifdef MOP_HAVE_CUDA
     if (gpu_) m.phase_ms = gpu_->take_phase_ms();
+    if (gpu_ && cfg_.parallel.ep > 1) {
+      const EpLoad el = gpu_->take_ep_load();
+      if (el.mean > 0) m.ep_load = el.max / el.mean, m.ep_load_unbalanced = el.max_unbalanced / el.mean;
+      m.ep_guest_pairs = el.guest_pairs;
+      res.ep_load.push_back(m.ep_load), res.ep_load_unbalanced.push_back(m.ep_load_unbalanced);
+      res.ep_guest_pairs.push_back(m.ep_guest_pairs);
+    }
 #endif
     if (!m.phase_ms.empty()) res.phase_ms.push_back(m.phase_ms);
     if (!std::isfinite(m.loss)) MOP_FAIL("loss is {} at step {}: training diverged", m.loss, state_.step);
@@ -612,7 +633,7 @@ TrainResult Trainer::run() {
     if (tc.eval_every > 0 && (state_.step % tc.eval_every == 0 || last) && data_.val) {
       m.eval_loss = evaluate();
 #ifdef MOP_HAVE_CUDA
-      if (gpu_) gpu_->take_phase_ms();  // the evaluation's marks are no step's phases
+      if (gpu_) gpu_->take_phase_ms(), gpu_->take_ep_load();  // the evaluation's are no step's
 #endif
       res.final_eval_loss = *m.eval_loss;
     }

@@ -44,6 +44,9 @@ struct TrainResult {
   std::string sample;
   std::vector<double> step_seconds;  // wall time of each optimizer step
   std::vector<std::vector<std::pair<std::string, double>>> phase_ms;  // per step (train.timing)
+  // Per step with GPU expert parallelism (StepMetrics::ep_load and the rest); empty otherwise.
+  std::vector<double> ep_load, ep_load_unbalanced;
+  std::vector<int64_t> ep_guest_pairs;
   int64_t tokens_per_step = 0;      // over all ranks
   int world = 1, rank = 0;
   double flops_per_token = 0;        // DESIGN.md's model FLOPs

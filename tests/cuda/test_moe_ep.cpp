@@ -10,6 +10,10 @@
 //     one bf16 step at each of the two roundings), atol 1e-5
 //   gate gradients: fp32 dots over D products of size <= 1: rtol 1e-5, atol 1e-6 D
 // Sizes are odd, one rank routes nothing, one expert is hot and one is never picked.
+// Balanced (parallel/expert_balance.h): the same with blocks of pairs moved to their sources,
+// which compute them as guest rows: the moved pairs absent on the owners, the guest rows exact bit
+// copies, and each token's outputs and input gradients with the guests' partial (rounded to bf16
+// like the others) added at home, gate gradients with the guests'.
 #include "ops/cuda/moe_ep.h"
 
 #include <algorithm>
@@ -20,6 +24,7 @@
 #include "cuda_test_util.h"
 #include "ops/cpu/moe_permute.h"
 #include "ops/cuda/moe_permute.h"
+#include "parallel/expert_balance.h"
 #include "parallel/token_exchange.h"
 
 using namespace mop;
@@ -54,23 +59,43 @@ Rank make_rank(int N, int E, int K, int D, uint64_t seed) {
   return r;
 }
 
-void run_case(int P, int E, int K, int D, const std::vector<int>& Ns) {
+// balance: move blocks as plan_expert_balance decides (min_rows 1, at most 2 guests a rank).
+void run_case(int P, int E, int K, int D, const std::vector<int>& Ns, bool balance = false) {
   SCOPED_TRACE("P=" + std::to_string(P) + " E=" + std::to_string(E) + " K=" + std::to_string(K) +
-               " D=" + std::to_string(D));
+               " D=" + std::to_string(D) + (balance ? " balanced" : ""));
   const int El = E / P;
   auto owner = [&](int e) { return e / El; };
   std::vector<Rank> rk;
   for (int s = 0; s < P; ++s) rk.push_back(make_rank(Ns[size_t(s)], E, K, D, 1000 + 17 * s));
+  std::vector<int64_t> counts(size_t(P) * (E + P));
+  std::vector<uint8_t> moved;
+  auto mv = [&](int s, int e) { return !moved.empty() && e >= 0 && e < E && moved[size_t(s) * E + e] != 0; };
+  if (balance) {  // the moves from the pair counts alone (the token counts play no part)
+    for (int s = 0; s < P; ++s)
+      for (int e = 0; e < E; ++e)
+        counts[size_t(s) * (E + P) + e] = rk[size_t(s)].offsets[size_t(e) + 1] - rk[size_t(s)].offsets[size_t(e)];
+    ExpertBalanceOptions o;
+    o.min_rows = 1, o.max_guests = 2;
+    moved = plan_expert_balance(P, E, counts.data(), o);
+    ASSERT_TRUE(std::count(moved.begin(), moved.end(), uint8_t(1)) > 0) << "nothing moved: the case tests nothing";
+  }
 
-  // The definition: owner q's pair rows are (local expert, source, token); key (s, n, k).
-  std::map<std::tuple<int, int, int>, int> pair_row;
-  std::vector<int> pairs_on(static_cast<size_t>(P), 0);
+  // The definition: owner q's pair rows are (local expert, source, token) without the moved
+  // blocks; key (s, n, k). A moved pair's row is on its source, among the guest rows (expert, token).
+  std::map<std::tuple<int, int, int>, int> pair_row, guest_row;
+  std::vector<int> pairs_on(static_cast<size_t>(P), 0), guests_on(static_cast<size_t>(P), 0);
   for (int q = 0; q < P; ++q)
     for (int j = 0; j < El; ++j)
       for (int s = 0; s < P; ++s)
         for (int n = 0; n < rk[size_t(s)].N; ++n)
           for (int k = 0; k < K; ++k)
-            if (rk[size_t(s)].idx[size_t(n) * K + k] == q * El + j) pair_row[{s, n, k}] = pairs_on[size_t(q)]++;
+            if (rk[size_t(s)].idx[size_t(n) * K + k] == q * El + j && !mv(s, q * El + j))
+              pair_row[{s, n, k}] = pairs_on[size_t(q)]++;
+  for (int s = 0; s < P; ++s)
+    for (int e = 0; e < E; ++e)
+      for (int n = 0; n < rk[size_t(s)].N; ++n)
+        for (int k = 0; k < K; ++k)
+          if (rk[size_t(s)].idx[size_t(n) * K + k] == e && mv(s, e)) guest_row[{s, n, k}] = guests_on[size_t(s)]++;
   auto has = [&](int s, int n, int q) {
     for (int k = 0; k < K; ++k)
       if (owner(rk[size_t(s)].idx[size_t(n) * K + k]) == q) return true;
@@ -78,7 +103,6 @@ void run_case(int P, int E, int K, int D, const std::vector<int>& Ns) {
   };
 
   // Token counts on the device, and every rank's plan from the gathered counts.
-  std::vector<int64_t> counts(size_t(P) * (E + P));
   struct Dev {
     std::vector<int32_t> tokens, slot, pos;
     std::vector<float> gate;
@@ -104,8 +128,11 @@ void run_case(int P, int E, int K, int D, const std::vector<int>& Ns) {
     for (int i = 0; i < E + P; ++i) ASSERT_EQ(row[size_t(i)], counts[size_t(s) * (E + P) + i]) << "rank " << s << " " << i;
   }
   std::vector<TokenExchangePlan> plan;
-  for (int s = 0; s < P; ++s) plan.push_back(make_token_exchange_plan(P, s, E, counts.data()));
-  for (int q = 0; q < P; ++q) ASSERT_EQ(plan[size_t(q)].pairs_in(), pairs_on[size_t(q)]) << "rank " << q;
+  for (int s = 0; s < P; ++s) plan.push_back(make_token_exchange_plan(P, s, E, counts.data(), moved));
+  for (int q = 0; q < P; ++q) {
+    ASSERT_EQ(plan[size_t(q)].pairs_in(), pairs_on[size_t(q)]) << "rank " << q;
+    ASSERT_EQ(plan[size_t(q)].guest_pairs(), guests_on[size_t(q)]) << "rank " << q;
+  }
 
   // Send layouts against the definition.
   for (int s = 0; s < P; ++s) {
@@ -130,7 +157,7 @@ void run_case(int P, int E, int K, int D, const std::vector<int>& Ns) {
         ASSERT_EQ(slot, next++) << "rank " << s << " token " << n << " to " << q;
         for (int k = 0; k < K; ++k) {
           const int e = r.idx[size_t(n) * K + k];
-          const bool here = owner(e) == q;
+          const bool here = owner(e) == q && !mv(s, e);
           ASSERT_EQ(o.pos[size_t(slot) * K + k], here ? pair_row[std::make_tuple(s, n, k)] : -1) << "pair " << n << "," << k;
           ASSERT_EQ(o.gate[size_t(slot) * K + k], here ? r.w[size_t(n) * K + k] : 0.f);
         }
@@ -237,46 +264,91 @@ void run_case(int P, int E, int K, int D, const std::vector<int>& Ns) {
     }
   }
 
-  // At home: sums over the ranks, gate gradients to their pairs; against the definition with the
-  // same two roundings.
+  // At home: the guest rows (balanced), sums over the ranks plus the guests' partial, gate
+  // gradients to their pairs; against the definition with the same roundings.
+  auto expert_y = [&](float xv, int e) { return round_bf16(xv * (1.f + (e - owner(e) * El) / 8.f)); };
+  auto expert_dx = [&](float xv) { return round_bf16(-0.5f * xv + 0.25f); };
   for (int s = 0; s < P; ++s) {
     const Rank& r = rk[size_t(s)];
     const TokenExchangePlan& p = plan[size_t(s)];
-    const size_t S = std::max<size_t>(size_t(p.tokens_out()), 1);
+    const size_t S = std::max<size_t>(size_t(p.tokens_out()), 1), NK = std::max<size_t>(r.idx.size(), 1);
+    const int Rg = int(p.guest_pairs());
     DeviceArray<bf16> d_po(to_bf16(partial_out[size_t(s)])), d_pd(to_bf16(partial_dx[size_t(s)])),
-        d_y(size_t(std::max(r.N, 1)) * D), d_dx(size_t(std::max(r.N, 1)) * D);
-    DeviceArray<int32_t> d_slot(dev[size_t(s)].slot), d_idx(r.idx);
+        d_y(size_t(std::max(r.N, 1)) * D), d_dx(size_t(std::max(r.N, 1)) * D), d_x(to_bf16(r.x)),
+        d_gy(size_t(std::max(r.N, 1)) * D), d_gdx(size_t(std::max(r.N, 1)) * D), d_dy(to_bf16(dy[size_t(s)]));
+    DeviceArray<int32_t> d_slot(dev[size_t(s)].slot), d_idx(r.idx), d_row(r.row), d_off(r.offsets),
+        d_gbase(p.guest_base), d_gslot(NK);
     DeviceArray<float> d_dg(dgate_back[size_t(s)].empty() ? std::vector<float>(S * K) : dgate_back[size_t(s)]),
-        d_dw(std::max<size_t>(r.idx.size(), 1));
-    cuda::moe_permute_backward(d_y.data(), d_po.data(), d_slot.data(), r.N, P, D, nullptr);
-    cuda::moe_permute_backward(d_dx.data(), d_pd.data(), d_slot.data(), r.N, P, D, nullptr);
-    cuda::moe_ep_gate_grads(d_dw.data(), d_dg.data(), d_slot.data(), d_idx.data(), r.N, K, E, P, nullptr);
+        d_dw(NK), d_w(r.w), d_gdg(NK);
+    const bool guests = Rg > 0;
+    if (guests) {
+      cuda::moe_ep_guest_rows(d_gslot.data(), d_idx.data(), d_row.data(), d_off.data(), d_gbase.data(), r.N, K, E,
+                              nullptr);
+      const std::vector<int32_t> gslot = d_gslot.download();
+      for (int n = 0; n < r.N; ++n)
+        for (int k = 0; k < K; ++k) {
+          const int e = r.idx[size_t(n) * K + k];
+          ASSERT_EQ(gslot[size_t(n) * K + k], mv(s, e) ? guest_row[std::make_tuple(s, n, k)] : -1)
+              << "rank " << s << " guest row of pair " << n << "," << k;
+        }
+      // The guest rows from the token rows, the "experts" on them, and back to the tokens.
+      DeviceArray<bf16> d_xg(size_t(Rg) * D);
+      cuda::moe_permute(d_xg.data(), d_x.data(), d_gslot.data(), r.N, K, D, nullptr);
+      const std::vector<float> xg = to_f32(d_xg.download());
+      std::vector<float> yg(size_t(Rg) * D), dxg(yg.size());
+      for (int n = 0; n < r.N; ++n)
+        for (int k = 0; k < K; ++k) {
+          const int g = gslot[size_t(n) * K + k];
+          if (g < 0) continue;
+          for (int d = 0; d < D; ++d) {
+            ASSERT_EQ(xg[size_t(g) * D + d], r.x[size_t(n) * D + d]) << "guest row " << g;
+            yg[size_t(g) * D + d] = expert_y(xg[size_t(g) * D + d], r.idx[size_t(n) * K + k]);
+            dxg[size_t(g) * D + d] = expert_dx(xg[size_t(g) * D + d]);
+          }
+        }
+      DeviceArray<bf16> d_yg(to_bf16(yg)), d_dxg(to_bf16(dxg)), d_dyg(yg.size());
+      cuda::moe_combine(d_gy.data(), d_yg.data(), d_w.data(), d_gslot.data(), r.N, K, D, nullptr);
+      cuda::moe_permute_backward(d_gdx.data(), d_dxg.data(), d_gslot.data(), r.N, K, D, nullptr);
+      cuda::moe_combine_backward(d_dyg.data(), d_gdg.data(), d_dy.data(), d_yg.data(), d_w.data(), d_gslot.data(),
+                                 r.N, K, D, nullptr);
+    }
+    cuda::moe_ep_home_sum(d_y.data(), d_po.data(), d_slot.data(), guests ? d_gy.data() : nullptr, r.N, P, D, nullptr);
+    cuda::moe_ep_home_sum(d_dx.data(), d_pd.data(), d_slot.data(), guests ? d_gdx.data() : nullptr, r.N, P, D, nullptr);
+    cuda::moe_ep_gate_grads(d_dw.data(), d_dg.data(), d_slot.data(), d_idx.data(), r.N, K, E, P, nullptr,
+                            guests ? d_gdg.data() : nullptr);
     const std::vector<float> y = to_f32(d_y.download()), dx = to_f32(d_dx.download()), dw = d_dw.download();
     std::vector<float> y_ref(size_t(r.N) * D), dx_ref(y_ref.size()), dw_ref(r.idx.size());
     for (int n = 0; n < r.N; ++n)
       for (int d = 0; d < D; ++d) {
-        float ys = 0.f, dxs = 0.f;
+        const float xv = r.x[size_t(n) * D + d];
+        float ys = 0.f, dxs = 0.f, gy = 0.f, gd = 0.f;
         for (int q = 0; q < P; ++q) {
           float py = 0.f, pd = 0.f;
           bool any = false;
           for (int k = 0; k < K; ++k) {
             const int e = r.idx[size_t(n) * K + k];
-            if (owner(e) != q) continue;
+            if (owner(e) != q || mv(s, e)) continue;
             any = true;
-            const float xv = r.x[size_t(n) * D + d];
-            py += r.w[size_t(n) * K + k] * round_bf16(xv * (1.f + (e - q * El) / 8.f));
-            pd += round_bf16(-0.5f * xv + 0.25f);
+            py += r.w[size_t(n) * K + k] * expert_y(xv, e);
+            pd += expert_dx(xv);
           }
           if (any) ys += round_bf16(py), dxs += round_bf16(pd);
         }
+        for (int k = 0; k < K; ++k) {
+          const int e = r.idx[size_t(n) * K + k];
+          if (!mv(s, e)) continue;
+          gy += r.w[size_t(n) * K + k] * expert_y(xv, e);
+          gd += expert_dx(xv);
+        }
+        if (guests) ys += round_bf16(gy), dxs += round_bf16(gd);
         y_ref[size_t(n) * D + d] = round_bf16(ys), dx_ref[size_t(n) * D + d] = round_bf16(dxs);
       }
     for (int n = 0; n < r.N; ++n)
       for (int k = 0; k < K; ++k) {
-        const int e = r.idx[size_t(n) * K + k], q = owner(e);
+        const int e = r.idx[size_t(n) * K + k];
         double dot = 0;
         for (int d = 0; d < D; ++d)
-          dot += double(dy[size_t(s)][size_t(n) * D + d]) * round_bf16(r.x[size_t(n) * D + d] * (1.f + (e - q * El) / 8.f));
+          dot += double(dy[size_t(s)][size_t(n) * D + d]) * expert_y(r.x[size_t(n) * D + d], e);
         dw_ref[size_t(n) * K + k] = float(dot);
       }
     expect_close(std::vector<float>(y.begin(), y.begin() + size_t(r.N) * D), y_ref, 4 * kBf16Eps, 1e-5,
@@ -293,6 +365,13 @@ TEST(MoeEp, TokenOnceExchangeMatchesDefinition) {
   run_case(2, 8, 3, 40, {37, 29});          // scalar rows (D % 8 != 0)
   run_case(3, 12, 4, 64, {53, 0, 41});      // vector rows; a rank routing nothing
   run_case(4, 16, 8, 24, {19, 33, 7, 26});  // top-k larger than the group
+}
+
+TEST(MoeEp, BalancedExchangeMatchesDefinition) {
+  MOP_REQUIRE_GPU();
+  run_case(2, 8, 3, 40, {37, 29}, /*balance=*/true);
+  run_case(3, 12, 4, 64, {53, 0, 41}, true);
+  run_case(4, 16, 8, 24, {19, 33, 7, 26}, true);
 }
 
 }  // namespace

@@ -146,6 +146,15 @@ TEST_F(ParallelTrain, ImpossibleLayoutsPrintTheNumbers) {
   r = run_mop("train " + common_ + " --set parallel.ep=3 --set train.steps=1");
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.out.find("parallel.ep = 3 must be >= 1 and divide model.experts = 8"), std::string::npos) << r.out;
+  // Least-loaded balancing is a GPU path: the CPU backend says so instead of ignoring it.
+  r = run_mop("launch --nproc 2 -- train " + common_ + " --set parallel.ep=2 --set parallel.ep_balance=true --set train.steps=1");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.out.find("parallel.ep_balance (least-loaded expert balancing) is implemented on the GPU only"),
+            std::string::npos) << r.out;
+  r = run_mop("train " + common_ + " --set parallel.ep_balance_max_guests=0 --set train.steps=1");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.out.find("parallel.ep_balance_max_guests must be between 1 and model.experts = 8, got 0"),
+            std::string::npos) << r.out;
 }
 
 // Ranks started directly (as mpirun or srun would: no `mop launch` watching them). Rank 1 is

@@ -105,7 +105,11 @@ TEST(GpuParallelTrain, TwoGpusOneMicroBatchMatchOneGpu) {
   fs::remove_all(dir);
   expect_layouts_match_one_gpu(dir, 2,
                                {{"zero2", "--set parallel.zero=2"},
-                                {"zero3_ep2", "--set parallel.zero=3 --set parallel.ep=2"}},
+                                {"zero3_ep2", "--set parallel.zero=3 --set parallel.ep=2"},
+                                // least-loaded balancing: the experts' weights lent over a second
+                                // NCCL communicator on the side stream, beside the exchange
+                                {"zero3_ep2_balanced", "--set parallel.zero=3 --set parallel.ep=2 "
+                                                       "--set parallel.ep_balance=true --set parallel.ep_balance_min_rows=1"}},
                                kOneMicro);
   fs::remove_all(dir);
 }

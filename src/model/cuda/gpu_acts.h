@@ -108,10 +108,16 @@ struct GpuDecoder::Acts {
   // Kept per layer as the other MoE rows are (GpuRecompute): without recompute the pairs' rows xl
   // and SwiGLU outputs a; with selective recompute the received token rows xr instead (Rt < R: a
   // token brings all its pairs on this rank), expanded again into the shared xl in backward.
+  // A balanced layer's guest pairs (this rank's own pairs of lent experts, TokenExchangePlan) are Rg
+  // more rows after the R local ones in every pair buffer (R + Rg rows in all); their weights and
+  // row map are the layer's own.
   struct EpLayer {
     GpuTokenExchange x;
     Buffer xr, xl, gu, a, yl;  // (Rt, D), (R, D), (R, 2F), (R, F), (R, D); xl, gu, yl expert-major pairs
     size_t r_cap = 0, rt_cap = 0;
+    Buffer guest_w;            // (G, 2F, D) then (G, D, F) bf16: the lent experts' weights
+    Buffer gslot;              // (N, K) int32: each pair's guest row, or -1 (moe_ep_guest_rows)
+    size_t g_cap = 0;          // experts guest_w holds
   };
   std::vector<EpLayer> ep;                 // (L)
   __nv_bfloat16* ep_send = nullptr;        // (S, D), S <= N min(ep, K): token rows to / from the owners
@@ -122,6 +128,13 @@ struct GpuDecoder::Acts {
   Buffer ep_tmp, ep_da, ep_dgu;            // (R, D), (R, F), (R, 2F), shared by the layers
   Buffer ep_dxl;                           // (R, D) the pairs' input gradients (GpuDecoderOptions::ep_overlap)
   size_t ep_rt_cap = 0, ep_r_cap = 0;
+  // Balanced layers (side stream unless noted): the weights this rank lends, packed per borrower
+  // ((n, 2F, D) then (n, D, F) bf16); the guests' weight gradients in two rotating buffers, written
+  // by the weight-gradient stream ((G, 2F, D) then (G, D, F), the gradients' type); the gradients
+  // of the experts this rank lent, as they come back; the guest pairs' gate gradients (N, K),
+  // compute stream.
+  Buffer lend_send, guest_dw[2], lent_dw, guest_dgate;
+  size_t lend_cap = 0, guest_dw_cap = 0, lent_dw_cap = 0;
 };
 
 }  // namespace mop

@@ -52,6 +52,13 @@ GpuDecoder::GpuDecoder(const ModelConfig& c, const ParamTable& t, GpuDecoderOpti
     MOP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     wgrad_sms_ = std::max(1, sms - 16);
   }
+  if (opt_.ep_balance) {
+    MOP_CHECK(opt_.balance.max_guests >= 1, "GpuDecoder: balanced expert parallelism with {} guest experts a layer",
+              opt_.balance.max_guests);
+    MOP_CUDA_CHECK(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking));
+    for (cudaEvent_t* e : {&side_in_, &side_lent_, &wgrad_all_, &side_added_, &guest_dw_free_[0], &guest_dw_free_[1]})
+      MOP_CUDA_CHECK(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
+  }
   for (int s = 0; s < 2; ++s) {
     MOP_CUDA_CHECK(cudaEventCreateWithFlags(&w_slot_free_[s], cudaEventDisableTiming));
     MOP_CUDA_CHECK(cudaEventCreateWithFlags(&w_slot_ready_[s], cudaEventDisableTiming));
@@ -141,14 +148,17 @@ GpuDecoder::~GpuDecoder() {
   if (stream_) cudaStreamSynchronize(stream_);
   if (comm_stream_) cudaStreamSynchronize(comm_stream_);
   if (wgrad_stream_) cudaStreamSynchronize(wgrad_stream_);
+  if (side_stream_) cudaStreamSynchronize(side_stream_);
   acts_.reset();
   timer_.reset();
   for (Unit& u : units_)
     if (u.ready) cudaEventDestroy(u.ready);
   for (cudaEvent_t e : {comm_done_, compute_mark_, w_slot_free_[0], w_slot_free_[1], w_slot_ready_[0],
-                        w_slot_ready_[1], g_slot_free_[0], g_slot_free_[1], wgrad_in_, wgrad_done_})
+                        w_slot_ready_[1], g_slot_free_[0], g_slot_free_[1], wgrad_in_, wgrad_done_, side_in_,
+                        side_lent_, wgrad_all_, side_added_, guest_dw_free_[0], guest_dw_free_[1]})
     if (e) cudaEventDestroy(e);
   if (wgrad_stream_) cudaStreamDestroy(wgrad_stream_);
+  if (side_stream_) cudaStreamDestroy(side_stream_);
   if (comm_stream_) cudaStreamDestroy(comm_stream_);
   if (stream_) cudaStreamDestroy(stream_);
 }
@@ -484,6 +494,7 @@ void GpuDecoder::ensure_acts(int N) {
     a.ep.resize(L);
     a.ep_send = a.alloc<bf16>(S * D, Mem::comm);
     a.ep_send_pos = a.alloc<int32_t>(S * K, Mem::comm), a.ep_send_gate = a.alloc<float>(S * K, Mem::comm);
+    if (opt_.ep_balance) a.guest_dgate = Buffer(Device::cuda, Mem::comm, std::max<size_t>(M, 1) * sizeof(float));
   }
   a.da = a.alloc<bf16>(a_all, W), a.dgu = a.alloc<bf16>(gu_all, W);
   a.dw = a.alloc<float>(M, W), a.dprobs = a.alloc<float>(n * E, W), a.dlogits = a.alloc<float>(n * E, W);

@@ -44,6 +44,7 @@
 #include "model/params.h"
 #include "ops/cuda/adamw.h"
 #include "ops/cuda/pinned.h"
+#include "parallel/expert_balance.h"
 #include "parallel/process_group.h"
 #include "parallel/sharded_state.h"
 
@@ -63,6 +64,7 @@ struct GpuComm {
   DeviceGroup* world = nullptr;        // dense units: gradients, ZeRO shards
   DeviceGroup* ep = nullptr;           // token rows to and from the experts' owners
   DeviceGroup* edp = nullptr;          // expert units (ranks holding the same experts)
+  DeviceGroup* ep_side = nullptr;      // the ep ranks on side_stream(): balanced layers' lent weights and gradients
 };
 
 // What the forward keeps for backward (train.checkpointing):
@@ -90,6 +92,20 @@ struct GpuDecoderOptions {
   // MoE layer's expert backward. The GEMMs and their order are the same: the bits are too. Off by
   // default: 1.3% slower on two H200s (bench/results/2026-11-29-h200x2-b.md).
   bool ep_overlap = false;
+  // Expert parallelism (parallel.ep_balance): each MoE layer moves blocks of pairs off the most
+  // loaded ranks to their sources, which compute them as guests with the experts' weights lent on
+  // side_stream() (parallel/expert_balance.h, gpu_decoder_comm.cpp). Same math; the sums of a
+  // moved block's outputs and weight gradient take another order.
+  bool ep_balance = false;
+  ExpertBalanceOptions balance;
+};
+
+// How balanced the expert-parallel layers of the step's micro-batches were (GpuDecoder::take_ep_load):
+// sums over every MoE layer of the most loaded rank's pairs (with the moves and without) and of
+// the mean over the ranks, and this rank's guest pairs and guest experts.
+struct EpLoad {
+  double max = 0, max_unbalanced = 0, mean = 0;
+  int64_t guest_pairs = 0, guests = 0, layers = 0;
 };
 
 class GpuDecoder final : public ShardedState {
@@ -122,6 +138,8 @@ class GpuDecoder final : public ShardedState {
   void synchronize();
   cudaStream_t stream() const { return stream_; }
   cudaStream_t comm_stream() const { return comm_stream_; }
+  cudaStream_t side_stream() const { return side_stream_; }  // options().ep_balance only
+  EpLoad take_ep_load();  // since the last call (zero without expert parallelism)
   const GpuDecoderOptions& options() const { return opt_; }
 
   // The step's last micro-batch: its backward starts each unit's gradient reduction (dense over
@@ -177,6 +195,10 @@ class GpuDecoder final : public ShardedState {
   void experts_forward_ep(int l);  // y.h2 -> a.dtmp through the experts' owners
   template <class G>
   void experts_backward_ep(int l, const LayerView<G>& g);  // a.dx -> a.dh (expert part), a.dw
+  void lend_experts(int l);   // balanced layer: the lent experts' weights to their guests (side stream)
+  template <class G>
+  void return_guest_grads(int l, const LayerView<G>& g);  // guests' weight gradients to the owners, added there
+  void join_side();           // compute stream after the side stream's last gradient addition
   // ZeRO units and their collectives (gpu_decoder_zero.cpp).
   void build_units();
   void acquire_layer(int l, bool backward);  // before the layer's forward / recompute / backward
@@ -242,6 +264,15 @@ class GpuDecoder final : public ShardedState {
   cudaEvent_t wgrad_in_ = nullptr, wgrad_done_ = nullptr;
   bool wgrad_pending_ = false;
   int wgrad_sms_ = 0;  // SMs their persistent kernels may use: the rest stay free for communication
+  // options().ep_balance: the side stream's loans and returns. side_in_ (compute) the layer's
+  // weights readable, side_lent_ (side) its guests' weights in, wgrad_all_ (the weight-gradient
+  // stream) the layer's weight gradients done, side_added_ (side) the returned ones added.
+  cudaStream_t side_stream_ = nullptr;
+  cudaEvent_t side_in_ = nullptr, side_lent_ = nullptr, wgrad_all_ = nullptr, side_added_ = nullptr;
+  cudaEvent_t guest_dw_free_[2] = {};  // (side) a rotating guest gradient buffer sent
+  bool side_pending_ = false;           // side_added_ not yet joined by the compute stream
+  int guest_dw_turn_ = 0;
+  EpLoad ep_load_;
   bool last_micro_ = true, state_ready_ = false;
   // bf16 gradients: zero_grads leaves the expert units' whole gradients (most of the model) to the
   // next backward, whose grouped products overwrite them instead of adding to zeros (dw_overwrite_
@@ -250,6 +281,7 @@ class GpuDecoder final : public ShardedState {
   std::unique_ptr<DeviceWork> comm_pending_;               // the last expert exchange (compute stream)
   std::unique_ptr<DeviceWork> comm_last_;                  // the last reduction or slot gather (comm stream)
   std::unique_ptr<DeviceWork> gather_last_;                // the last post-update gather (comm stream)
+  std::unique_ptr<DeviceWork> side_last_;                  // the last loan or return (side stream)
   std::unique_ptr<Acts> acts_;
   std::unique_ptr<PhaseTimer> timer_;  // options().timing only
   int acts_N_ = -1;

@@ -160,6 +160,7 @@ void GpuDecoder::backward_pass(const ModelView<G>& g, float lb_scale) {
     release_layer(l, /*backward=*/true);
   }
   join_wgrad();  // what reads the gradients next runs on the compute stream
+  join_side();   // and the lent experts' returned gradients are in
   cuda::embedding_backward(g.embed, a.dx, a.tokens, N, D, V, a.workspace.data(), a.workspace_bytes, st);
   embed_grads_done();
   mark("backward");

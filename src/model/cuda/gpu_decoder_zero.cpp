@@ -246,6 +246,8 @@ void GpuDecoder::reduce_unit(Unit& u) {
   // An expert unit's weight gradients may still be on their own stream (ep_overlap): the last
   // recorded are this unit's layer's.
   if (u.spec.experts && wgrad_pending_) MOP_CUDA_CHECK(cudaStreamWaitEvent(comm_stream_, wgrad_done_, 0));
+  // And a balanced layer's lent experts take their guests' gradients on the side stream.
+  if (u.spec.experts && side_pending_) MOP_CUDA_CHECK(cudaStreamWaitEvent(comm_stream_, side_added_, 0));
   DType t{};
   if (u.g_slot) {
     const bf16* slot = g_slots_.as<bf16>() + size_t(u.spec.layer & 1) * slot_elems_ + u.slot_off;
@@ -330,6 +332,7 @@ double GpuDecoder::grad_norm2() {
 // Before any host wait on the compute stream: it may be waiting for a collective whose peer died,
 // and only the works' waits time out (and abort the communicator).
 void GpuDecoder::wait_comm() {
+  if (side_last_) side_last_->wait(), side_last_.reset();
   if (comm_pending_) comm_pending_->wait(), comm_pending_.reset();
   if (comm_last_) comm_last_->wait(), comm_last_.reset();
   if (gather_last_) gather_last_->wait(), gather_last_.reset();
@@ -342,6 +345,7 @@ void GpuDecoder::wait_comm_stream() {
 // post-update gathers, which overlap the next forward (its units wait for them on the device; its
 // first host wait, wait_comm, also waits for them on the host).
 void GpuDecoder::synchronize() {
+  if (side_last_) side_last_->wait(), side_last_.reset();
   if (comm_pending_) comm_pending_->wait(), comm_pending_.reset();
   if (comm_last_) comm_last_->wait(), comm_last_.reset();
   MOP_CUDA_CHECK(cudaStreamSynchronize(stream_));

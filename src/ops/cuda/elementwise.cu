@@ -29,6 +29,11 @@ static __global__ void add_bf16_vec_kernel(uint4* out, const uint4* a, const uin
   }
 }
 
+static __global__ void add_f32_kernel(float* out, const float* a, size_t n) {
+  const size_t stride = size_t(gridDim.x) * blockDim.x;
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) out[i] += a[i];
+}
+
 static __global__ void accumulate_kernel(float* out, const __nv_bfloat16* a, size_t n) {
   const size_t stride = size_t(gridDim.x) * blockDim.x;
   for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) out[i] += __bfloat162float(a[i]);
@@ -61,6 +66,12 @@ void add_bf16(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* b
   } else {
     add_bf16_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, a, b, n);
   }
+  MOP_CUDA_LAUNCH_CHECK();
+}
+
+void add_f32(float* out, const float* a, size_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  add_f32_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, a, n);
   MOP_CUDA_LAUNCH_CHECK();
 }
 

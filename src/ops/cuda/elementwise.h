@@ -8,6 +8,8 @@ namespace mop::cuda {
 
 // out = a + b (bf16, summed in fp32). out may alias a or b. The residual adds of the decoder.
 void add_bf16(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* b, size_t n, cudaStream_t stream);
+// out += a (fp32): a weight gradient computed elsewhere added to this rank's (balanced expert layers).
+void add_f32(float* out, const float* a, size_t n, cudaStream_t stream);
 // out += a (fp32 <- bf16): accumulating an activation gradient into an fp32 buffer.
 void accumulate_bf16_into_f32(float* out, const __nv_bfloat16* a, size_t n, cudaStream_t stream);
 // N rows of `width` bf16: dst[n * dst_stride + j] = src[n * src_stride + j], j < width. Splits a

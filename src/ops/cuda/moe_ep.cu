@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "ops/cuda/check.cuh"
+#include "ops/cuda/moe_permute.h"
 
 namespace mop::cuda {
 
@@ -68,7 +69,7 @@ static __global__ void send_layout_kernel(int32_t* slot_Nep, int32_t* pos_SK, fl
         for (int k = 0; k < K; ++k) {
           const size_t a = size_t(n) * K + k;
           const int e = idx_NK[a];
-          const bool here = e >= 0 && e < E && e / El == r;
+          const bool here = e >= 0 && e < E && e / El == r && dest_base_E[e] >= 0;
           pos_SK[size_t(s) * K + k] = here ? dest_base_E[e] + row_NK[a] - offsets_E1[e] : -1;
           gate_SK[size_t(s) * K + k] = here ? w_NK[a] : 0.f;
         }
@@ -86,7 +87,7 @@ static __global__ void plan_row_kernel(int64_t* row_W, const int32_t* offsets_E1
 }
 
 static __global__ void gate_grads_kernel(float* dw_NK, const float* dgate_SK, const int32_t* slot_Nep,
-                                         const int32_t* idx_NK, int N, int K, int E, int ep) {
+                                         const int32_t* idx_NK, const float* guest_NK, int N, int K, int E, int ep) {
   const int El = E / ep;
   const size_t M = size_t(N) * K;
   for (size_t a = size_t(blockIdx.x) * blockDim.x + threadIdx.x; a < M; a += size_t(gridDim.x) * blockDim.x) {
@@ -96,7 +97,16 @@ static __global__ void gate_grads_kernel(float* dw_NK, const float* dgate_SK, co
       const int s = slot_Nep[(a / K) * ep + e / El];
       if (s >= 0) g = dgate_SK[size_t(s) * K + a % K];
     }
-    dw_NK[a] = g;
+    dw_NK[a] = guest_NK ? g + guest_NK[a] : g;
+  }
+}
+
+static __global__ void guest_rows_kernel(int32_t* gslot_NK, const int32_t* idx_NK, const int32_t* row_NK,
+                                         const int32_t* offsets_E1, const int32_t* guest_base_E, int M, int E) {
+  for (int a = blockIdx.x * blockDim.x + threadIdx.x; a < M; a += gridDim.x * blockDim.x) {
+    const int e = idx_NK[a];
+    const int base = e >= 0 && e < E ? guest_base_E[e] : -1;
+    gslot_NK[a] = base >= 0 ? base + row_NK[a] - offsets_E1[e] : -1;
   }
 }
 
@@ -124,13 +134,28 @@ void moe_ep_send_layout(int32_t* slot_Nep, int32_t* pos_SK, float* gate_SK, cons
 }
 
 void moe_ep_gate_grads(float* dw_NK, const float* dgate_SK, const int32_t* slot_Nep, const int32_t* idx_NK, int N,
-                       int K, int E, int ep, cudaStream_t stream) {
+                       int K, int E, int ep, cudaStream_t stream, const float* guest_NK) {
   check_sizes("moe_ep_gate_grads", N, K, E, ep);
   const size_t M = size_t(N) * K;
   if (M == 0) return;
   const int threads = 256, blocks = int(std::min<size_t>((M + threads - 1) / threads, 4096));
-  gate_grads_kernel<<<blocks, threads, 0, stream>>>(dw_NK, dgate_SK, slot_Nep, idx_NK, N, K, E, ep);
+  gate_grads_kernel<<<blocks, threads, 0, stream>>>(dw_NK, dgate_SK, slot_Nep, idx_NK, guest_NK, N, K, E, ep);
   MOP_CUDA_LAUNCH_CHECK();
+}
+
+void moe_ep_guest_rows(int32_t* gslot_NK, const int32_t* idx_NK, const int32_t* row_NK, const int32_t* offsets_E1,
+                       const int32_t* guest_base_E, int N, int K, int E, cudaStream_t stream) {
+  check_sizes("moe_ep_guest_rows", N, K, E, 1);
+  const int M = N * K;
+  if (M == 0) return;
+  const int threads = 256, blocks = std::min((M + threads - 1) / threads, 4096);
+  guest_rows_kernel<<<blocks, threads, 0, stream>>>(gslot_NK, idx_NK, row_NK, offsets_E1, guest_base_E, M, E);
+  MOP_CUDA_LAUNCH_CHECK();
+}
+
+void moe_ep_home_sum(__nv_bfloat16* y_ND, const __nv_bfloat16* ys_SD, const int32_t* slot_Nep,
+                     const __nv_bfloat16* guest_ND, int N, int ep, int D, cudaStream_t stream) {
+  moe_gather_sum_add(y_ND, ys_SD, nullptr, slot_Nep, guest_ND, N, ep, D, stream);
 }
 
 }  // namespace mop::cuda

@@ -107,8 +107,8 @@ static __global__ void permute_kernel(bf16* __restrict__ xp_MD, const bf16* __re
 // y[n] = sum_k w_k * src[row_k] (w == nullptr: weights 1), fp32 accumulation in k order.
 template <int W>
 static __global__ void gather_sum_kernel(bf16* __restrict__ y_ND, const bf16* __restrict__ src_MD,
-                                         const float* __restrict__ w_NK, const int32_t* __restrict__ row_NK, int N,
-                                         int K, int D) {
+                                         const float* __restrict__ w_NK, const int32_t* __restrict__ row_NK,
+                                         const bf16* __restrict__ add_ND, int N, int K, int D) {
   const int n = int((size_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32), lane = threadIdx.x % 32;
   if (n >= N) return;
   const unsigned M = unsigned(N) * unsigned(K);
@@ -123,6 +123,11 @@ static __global__ void gather_sum_kernel(bf16* __restrict__ y_ND, const bf16* __
       load_f32<W>(src_MD + size_t(r) * D + c, v);
 #pragma unroll
       for (int j = 0; j < W; ++j) acc[j] += wk * v[j];
+    }
+    if (add_ND) {
+      load_f32<W>(add_ND + size_t(n) * D + c, v);
+#pragma unroll
+      for (int j = 0; j < W; ++j) acc[j] += v[j];
     }
     store_bf16<W>(y_ND + size_t(n) * D + c, acc);
   }
@@ -209,14 +214,19 @@ void moe_permute(bf16* xp_MD, const bf16* x_ND, const int32_t* row_NK, int N, in
 }
 
 static void gather_sum(bf16* y_ND, const bf16* src_MD, const float* w_NK, const int32_t* row_NK, int N, int K, int D,
-                       cudaStream_t stream) {
+                       cudaStream_t stream, const bf16* add_ND = nullptr) {
   if (N == 0) return;
   const int blocks = warp_blocks(size_t(N)), threads = 32 * kWarpsPerBlock;
-  if (D % 8 == 0 && aligned16(y_ND) && aligned16(src_MD))
-    gather_sum_kernel<8><<<blocks, threads, 0, stream>>>(y_ND, src_MD, w_NK, row_NK, N, K, D);
+  if (D % 8 == 0 && aligned16(y_ND) && aligned16(src_MD) && (!add_ND || aligned16(add_ND)))
+    gather_sum_kernel<8><<<blocks, threads, 0, stream>>>(y_ND, src_MD, w_NK, row_NK, add_ND, N, K, D);
   else
-    gather_sum_kernel<1><<<blocks, threads, 0, stream>>>(y_ND, src_MD, w_NK, row_NK, N, K, D);
+    gather_sum_kernel<1><<<blocks, threads, 0, stream>>>(y_ND, src_MD, w_NK, row_NK, add_ND, N, K, D);
   MOP_CUDA_LAUNCH_CHECK();
+}
+void moe_gather_sum_add(bf16* y_ND, const bf16* src_MD, const float* w_NK, const int32_t* row_NK, const bf16* add_ND,
+                        int N, int K, int D, cudaStream_t stream) {
+  check_sizes("moe_gather_sum_add", N, K, D);
+  gather_sum(y_ND, src_MD, w_NK, row_NK, N, K, D, stream, add_ND);
 }
 
 void moe_permute_backward(bf16* dx_ND, const bf16* dxp_MD, const int32_t* row_NK, int N, int K, int D,

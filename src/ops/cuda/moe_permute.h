@@ -26,6 +26,11 @@ void moe_permute(__nv_bfloat16* xp_MD, const __nv_bfloat16* x_ND, const int32_t*
 // dx[n] = sum_k dxp[row_NK[n,k]], fp32 sum in k order, written.
 void moe_permute_backward(__nv_bfloat16* dx_ND, const __nv_bfloat16* dxp_MD, const int32_t* row_NK, int N, int K,
                           int D, cudaStream_t stream);
+// y[n] = sum_k w[n,k] * src[row_NK[n,k]] (w null: weights 1), then + add[n] (add null: nothing),
+// fp32 in that order, written: the two ops above with an addend (the expert-parallel sum at home
+// with a balanced layer's guest rows, ops/cuda/moe_ep.h).
+void moe_gather_sum_add(__nv_bfloat16* y_ND, const __nv_bfloat16* src_MD, const float* w_NK, const int32_t* row_NK,
+                        const __nv_bfloat16* add_ND, int N, int K, int D, cudaStream_t stream);
 // y[n] = sum_k w[n,k] * yp[row_NK[n,k]], fp32 in k order, written.
 void moe_combine(__nv_bfloat16* y_ND, const __nv_bfloat16* yp_MD, const float* w_NK, const int32_t* row_NK, int N,
                  int K, int D, cudaStream_t stream);

@@ -38,22 +38,34 @@ std::unique_ptr<DeviceWork> token_exchange_count(GpuTokenExchange& x, DeviceGrou
   return work;
 }
 
-void token_exchange_plan(GpuTokenExchange& x, ProcessGroup& host_ep, const int32_t* offsets_host, cudaStream_t stream) {
+void token_exchange_plan(GpuTokenExchange& x, ProcessGroup& host_ep, const int32_t* offsets_host, cudaStream_t stream,
+                         const ExpertBalanceOptions* balance) {
   const int ep = host_ep.size();
   MOP_CHECK(x.tokens_host.size() == size_t(ep), "token_exchange_plan without token_exchange_count");
-  x.plan = x.device_plan ? make_token_exchange_plan(ep, host_ep.rank(), x.E, x.plan_host.data())
-                         : plan_token_exchange(host_ep, offsets_host, x.E, x.tokens_host.data());
-  const TokenExchangePlan& p = x.plan;
-  // The index upload. The previous upload of this layer finished long ago (each step ends in a
-  // host wait), so its pinned staging may be rewritten.
-  const size_t n_index = size_t(x.E) + p.local_offsets.size();
-  if (x.index_host.size() != n_index) {
-    x.index = Buffer(Device::cuda, Mem::comm, n_index * sizeof(int32_t));
-    x.index_host = PinnedHost<int32_t>(n_index);
+  if (x.device_plan) {
+    const int64_t* counts = x.plan_host.data();
+    x.plan = make_token_exchange_plan(ep, host_ep.rank(), x.E, counts,
+                                      balance ? plan_expert_balance(ep, x.E, counts, *balance) : std::vector<uint8_t>{});
+  } else {
+    x.plan = plan_token_exchange(host_ep, offsets_host, x.E, x.tokens_host.data(), balance);
   }
-  std::memcpy(x.index_host.data(), p.dest_base.data(), p.dest_base.size() * sizeof(int32_t));
-  std::memcpy(x.index_host.data() + x.E, p.local_offsets.data(), p.local_offsets.size() * sizeof(int32_t));
-  MOP_CUDA_CHECK(cudaMemcpyAsync(x.index.data(), x.index_host.data(), n_index * sizeof(int32_t),
+  const TokenExchangePlan& p = x.plan;
+  // The index upload, sized once for the most guests a plan may hold. The previous upload of this
+  // layer finished long ago (each step ends in a host wait), so its pinned staging may be rewritten.
+  const size_t El1 = p.local_offsets.size(), G1 = p.guest_offsets.size();
+  const size_t cap = 2 * size_t(x.E) + El1 + size_t(balance ? balance->max_guests : 0) + 1;
+  MOP_CHECK(size_t(2 * x.E) + El1 + G1 <= cap, "token_exchange_plan: {} guest experts, at most {} expected", G1 - 1,
+            cap - 2 * size_t(x.E) - El1 - 1);
+  if (x.index_host.size() != cap) {
+    x.index = Buffer(Device::cuda, Mem::comm, cap * sizeof(int32_t));
+    x.index_host = PinnedHost<int32_t>(cap);
+  }
+  int32_t* h = x.index_host.data();
+  std::memcpy(h, p.dest_base.data(), size_t(x.E) * sizeof(int32_t));
+  std::memcpy(h + x.E, p.local_offsets.data(), El1 * sizeof(int32_t));
+  std::memcpy(h + x.E + El1, p.guest_base.data(), size_t(x.E) * sizeof(int32_t));
+  std::memcpy(h + 2 * x.E + El1, p.guest_offsets.data(), G1 * sizeof(int32_t));
+  MOP_CUDA_CHECK(cudaMemcpyAsync(x.index.data(), h, (2 * size_t(x.E) + El1 + G1) * sizeof(int32_t),
                                  cudaMemcpyHostToDevice, stream));
   // Buffers are replaced only between uses: the stream is past the layer's host sync, and the
   // last reader of the old ones (this layer's previous backward) ended with the last step.

@@ -23,6 +23,7 @@
 #include "core/alloc.h"
 #include "ops/cuda/pinned.h"
 #include "parallel/cuda/device_group.h"
+#include "parallel/expert_balance.h"
 #include "parallel/token_exchange.h"
 
 namespace mop {
@@ -36,13 +37,15 @@ struct GpuTokenExchange {
   bool device_plan = false;          // the counts were gathered on the device into plan_host
   Buffer plan_rows;                  // (ep + 1, E + ep) int64: every rank's plan row, then this rank's
   PinnedHost<int64_t> plan_host;     // (ep, E + ep) their host copy
-  Buffer index;                      // int32: dest_base (E), then local_offsets (El + 1)
-  PinnedHost<int32_t> index_host;    // its host side (written before each upload)
+  Buffer index;                      // int32: dest_base (E), local_offsets (El + 1), guest_base (E), guest_offsets (G + 1)
+  PinnedHost<int32_t> index_host;    // its host side (written before each upload); sized for max_guests
   Buffer slot;                       // (N, ep) int32: each token's send row per rank, or -1
   Buffer pos, gate;                  // (Rt, K) int32, f32 received: each pair's expert-major row (or -1), gate
   size_t n_cap = 0, rt_cap = 0;      // tokens slot holds; received tokens pos and gate hold
   const int32_t* dest_base() const { return index.as<int32_t>(); }
   const int32_t* local_offsets() const { return index.as<int32_t>() + E; }
+  const int32_t* guest_base() const { return local_offsets() + plan.local_experts + 1; }
+  const int32_t* guest_offsets() const { return guest_base() + E; }
 };
 
 // Before the layer's host sync, on ep's stream: counts this rank's tokens per rank (idx: (N, K)
@@ -53,8 +56,10 @@ struct GpuTokenExchange {
 std::unique_ptr<DeviceWork> token_exchange_count(GpuTokenExchange& x, DeviceGroup& ep, const int32_t* idx_NK,
                                                  const int32_t* offsets_E1, int N, int K, int E);
 // After it (the copies done; offsets_host: the offsets' host copy): the plan (from x.plan_host, or
-// a collective over host_ep), its index upload, and x's buffers sized for it.
-void token_exchange_plan(GpuTokenExchange& x, ProcessGroup& host_ep, const int32_t* offsets_host, cudaStream_t stream);
+// a collective over host_ep; balance: with plan_expert_balance's moves), its index upload, and x's
+// buffers sized for it.
+void token_exchange_plan(GpuTokenExchange& x, ProcessGroup& host_ep, const int32_t* offsets_host, cudaStream_t stream,
+                         const ExpertBalanceOptions* balance = nullptr);
 // The send layout (x.slot) and, through the exchange, each received token's pair fields (x.pos,
 // x.gate). Routing on the device: idx, w, row (N, K), offsets (E + 1). send_pos, send_gate: (S, K)
 // scratch, read by the exchange.
