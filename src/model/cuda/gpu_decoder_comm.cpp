@@ -25,6 +25,19 @@ namespace mop {
 
 using bf16 = __nv_bfloat16;
 
+namespace {
+// Experts lent to each rank of the group, and per-rank expert counts as all_to_all_v's element counts.
+std::vector<size_t> lent_counts(const TokenExchangePlan& p) {
+  std::vector<size_t> n;
+  for (const std::vector<int32_t>& to : p.lent) n.push_back(to.size());
+  return n;
+}
+std::vector<size_t> times(std::vector<size_t> experts, size_t elems) {
+  for (size_t& c : experts) c *= elems;
+  return experts;
+}
+}  // namespace
+
 bool GpuDecoder::expert_parallel() const { return comm_.ep && comm_.ep->size() > 1; }
 
 void GpuDecoder::set_comm(const GpuComm& comm) {
@@ -281,12 +294,7 @@ void GpuDecoder::lend_experts(int l) {
     }
   bf16* recv_gu = el.guest_w.as<bf16>();
   bf16* recv_down = recv_gu + G * n_gu;
-  std::vector<size_t> send(size_t(p.ep)), recv(size_t(p.ep));
-  for (int q = 0; q < p.ep; ++q) send[size_t(q)] = p.lent[size_t(q)].size(), recv[size_t(q)] = p.borrowed[size_t(q)];
-  auto times = [](std::vector<size_t> v, size_t n) {
-    for (size_t& c : v) c *= n;
-    return v;
-  };
+  const std::vector<size_t> send = lent_counts(p), &recv = p.borrowed;
   comm_.ep_side->all_to_all_v_async(send_gu, times(send, n_gu), recv_gu, times(recv, n_gu), DType::bf16);
   side_last_ = comm_.ep_side->all_to_all_v_async(send_down, times(send, n_down), recv_down, times(recv, n_down),
                                                  DType::bf16);
@@ -316,12 +324,7 @@ void GpuDecoder::return_guest_grads(int l, const LayerView<G>& g) {
   const G* dw_down = Gn ? dw_gu + Gn * n_gu : nullptr;
   G* back_gu = a.lent_dw.as<G>();
   G* back_down = back_gu + lent * n_gu;
-  std::vector<size_t> send(size_t(p.ep)), recv(size_t(p.ep));
-  for (int q = 0; q < p.ep; ++q) send[size_t(q)] = p.borrowed[size_t(q)], recv[size_t(q)] = p.lent[size_t(q)].size();
-  auto times = [](std::vector<size_t> v, size_t n) {
-    for (size_t& c : v) c *= n;
-    return v;
-  };
+  const std::vector<size_t> &send = p.borrowed, recv = lent_counts(p);
   const DType t = std::is_same_v<G, float> ? DType::f32 : DType::bf16;
   comm_.ep_side->all_to_all_v_async(dw_gu, times(send, n_gu), back_gu, times(recv, n_gu), t);
   side_last_ = comm_.ep_side->all_to_all_v_async(dw_down, times(send, n_down), back_down, times(recv, n_down), t);
