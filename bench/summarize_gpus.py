@@ -11,7 +11,9 @@ skipped steps do the same expert work; "routing differs" flags a run where they 
 them, a twin run with parallel.gpu_comm = skip of the same shape; with expert parallelism that twin
 is not the same computation (the rows a rank gets back are the ones it sent, so later layers route
 differently) and its share is marked "(twin)". The phases are the compute stream's medians
-(train.timing): where the step went, the expert exchange and the ZeRO waits included."""
+(train.timing): where the step went, the expert exchange and the ZeRO waits included. ep load: over
+the MoE layers, the most loaded rank's expert pairs over the mean rank's (1 is even), with
+parallel.ep_balance's moves, and in brackets without them."""
 import json
 import sys
 
@@ -33,6 +35,7 @@ def shape(r):
 
 def layout(r):
     return (f"zero {r.get('zero', 0)}, ep {r.get('ep', 1)}" + (", ep_overlap" if r.get("ep_overlap") else "")
+            + (", ep_balance" if r.get("ep_balance") else "")
             + (f", {r['checkpointing']} recompute" if r.get("checkpointing") else ""))
 
 
@@ -43,13 +46,13 @@ def main(paths):
              if r.get("impl", "").startswith("torch") and "tokens_per_s_per_gpu" in r}
     mop = [r for r in runs if r.get("impl") == "mop" and "tokens_per_s" in r]
     skipped = {(shape(r), layout(r), r.get("call")): r for r in mop if r.get("gpu_comm") == "skip"}
-    print("| run | GPUs | layers | seq x batch/GPU | tok/s/GPU | MFU | peak GiB | vs baseline | exposed comm | top phases (ms) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| run | GPUs | layers | seq x batch/GPU | tok/s/GPU | MFU | peak GiB | vs baseline | exposed comm | ep load | top phases (ms) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in mop + [t for t in torch.values()]:
         is_mop = r.get("impl") == "mop"
         sh = shape(r)
         tps = r["tokens_per_s"] if is_mop else r["tokens_per_s_per_gpu"]
-        ratio = exposed = phases = ""
+        ratio = exposed = phases = load = ""
         if is_mop:
             name = f"mop {layout(r)}" + (", comm skipped" if r.get("gpu_comm") == "skip" else "")
             base = torch.get((sh, r.get("call")))
@@ -64,6 +67,10 @@ def main(paths):
                 exposed = f"{100 * (1 - twin['step_s_median'] / r['step_s_median']):.1f}%"
                 if r.get("ep", 1) > 1:
                     exposed += " (twin)"
+            if "ep_load_max_over_mean" in r:
+                load = f"{r['ep_load_max_over_mean']:.2f}"
+                if r.get("ep_balance"):
+                    load += f" ({r['ep_load_max_over_mean_unbalanced']:.2f})"
             ph = sorted(r.get("phase_ms_median", {}).items(), key=lambda kv: -kv[1])[:5]
             phases = ", ".join(f"{k} {v:.1f}" for k, v in ph)
             gpus = r["world"]
@@ -71,7 +78,7 @@ def main(paths):
             name = f"PyTorch FSDP2 ({r.get('settings', '')})"
             gpus = r.get("gpus", "")
         print(f"| {name} | {gpus} | {sh[0]} | {sh[1]} x {sh[2]} | {tps:,.0f} | {100 * r['mfu']:.1f}% | "
-              f"{r['peak_gib']:.1f} | {ratio} | {exposed} | {phases} |")
+              f"{r['peak_gib']:.1f} | {ratio} | {exposed} | {load} | {phases} |")
 
 
 if __name__ == "__main__":
