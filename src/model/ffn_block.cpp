@@ -1,10 +1,15 @@
 #include "model/ffn_block.h"
 
+#include <algorithm>
+
 #include "ops/cpu/grouped_matmul.h"
 #include "ops/cpu/matmul.h"
 #include "ops/cpu/moe_permute.h"
 #include "ops/cpu/rmsnorm.h"
 #include "ops/cpu/swiglu.h"
+#include "parallel/expert_balance.h"
+#include "parallel/process_group.h"
+#include "parallel/token_exchange.h"
 
 namespace mop {
 
@@ -66,6 +71,150 @@ double global_lb_loss(FfnSaved<T>& s, ProcessGroup& dp, int N, int E, int K) {
 
 bool expert_parallel(const MoeComm& comm) { return comm.ep && comm.ep->size() > 1; }
 
+// Balanced expert parallelism on the host (parallel/expert_balance.h; the GPU's is
+// model/cuda/gpu_decoder_comm.cpp). The rows of a moved block stay where they are in the
+// expert-sorted buffers and are computed here with the lent weights; the others travel as without
+// balancing, packed in the same order.
+
+// The rows of the experts that were not moved, between the whole expert-sorted buffer (M rows)
+// and a packed one: to_packed, or back.
+template <class T>
+void pack_unmoved(T* packed, T* whole, const std::vector<int32_t>& off, const std::vector<uint8_t>& moved, int D,
+                  bool to_packed) {
+  size_t at = 0;
+  for (size_t e = 0; e + 1 < off.size(); ++e) {
+    const size_t n = size_t(off[e + 1] - off[e]) * size_t(D);
+    if (moved[e]) continue;
+    T* w = whole + size_t(off[e]) * size_t(D);
+    if (to_packed) std::copy(w, w + n, packed + at);
+    else std::copy(packed + at, packed + at + n, w);
+    at += n;
+  }
+}
+
+// Per-rank expert counts as all_to_all_v's element counts.
+std::vector<size_t> expert_elems(const std::vector<size_t>& experts, size_t per_expert) {
+  std::vector<size_t> v(experts);
+  for (size_t& x : v) x *= per_expert;
+  return v;
+}
+std::vector<size_t> lent_to(const TokenExchangePlan& p) {
+  std::vector<size_t> v;
+  for (const std::vector<int32_t>& l : p.lent) v.push_back(l.size());
+  return v;
+}
+
+// Everything the balanced forward decides from the counts (one all-gather over ep) and the lent
+// weights; then the unmoved rows' exchange and the guests' rows.
+template <class T>
+void balanced_experts_forward(FfnSaved<T>& s, const LayerView<T>& w, const ModelConfig& c, const MoeComm& comm) {
+  ProcessGroup& ep = *comm.ep;
+  const int P = ep.size(), me = ep.rank(), E = int(c.experts), F = int(c.expert_ffn), D = int(c.hidden);
+  const int El = E / P;
+  const size_t W = size_t(E + P), n_gu = size_t(2 * F) * D, n_w = size_t(3 * F) * D;
+  std::vector<int64_t> mine(W, 0), cnt(W * size_t(P));  // rows per global expert (no token columns here)
+  for (int e = 0; e < E; ++e) mine[size_t(e)] = s.offsets[size_t(e) + 1] - s.offsets[size_t(e)];
+  ep.all_gather(mine.data(), W, cnt.data());
+  const std::vector<uint8_t> moved = plan_expert_balance(P, E, cnt.data(), *comm.balance);
+  auto tp = std::make_shared<TokenExchangePlan>(make_token_exchange_plan(P, me, E, cnt.data(), moved));
+  std::vector<int64_t> send_cnt(static_cast<size_t>(E)), recv_cnt(static_cast<size_t>(E));  // recv: (source, El)
+  for (int e = 0; e < E; ++e) send_cnt[size_t(e)] = moved[size_t(me) * E + e] ? 0 : cnt[size_t(me) * W + e];
+  for (int q = 0; q < P; ++q)
+    for (int j = 0; j < El; ++j)
+      recv_cnt[size_t(q) * El + j] = moved[size_t(q) * E + me * El + j] ? 0 : cnt[size_t(q) * W + me * El + j];
+  auto plan = std::make_shared<ExpertPlan>(make_expert_plan(P, E, send_cnt.data(), recv_cnt.data()));
+  s.moved.assign(moved.begin() + ptrdiff_t(me) * E, moved.begin() + ptrdiff_t(me + 1) * E);
+
+  // The lent experts' weights to their guests, each as (2F, D) then (D, F).
+  const std::vector<int32_t>& guests = tp->guest_experts;
+  HostArray<T> lend(tp->lent_out() * n_w, Mem::comm);
+  size_t i = 0;
+  for (const std::vector<int32_t>& to : tp->lent)
+    for (int32_t j : to) {
+      std::copy(w.w_gu + size_t(j) * n_gu, w.w_gu + size_t(j + 1) * n_gu, lend.data() + i * n_w);
+      std::copy(w.w_down + size_t(j) * (n_w - n_gu), w.w_down + size_t(j + 1) * (n_w - n_gu),
+                lend.data() + i * n_w + n_gu);
+      ++i;
+    }
+  s.guest_w = HostArray<T>(guests.size() * n_w);
+  ep.all_to_all_v(lend.data(), expert_elems(lent_to(*tp), n_w), s.guest_w.data(), expert_elems(tp->borrowed, n_w));
+
+  // The unmoved rows to their owners and back, as without balancing.
+  const size_t R = size_t(plan->rows_in());
+  s.xl = HostArray<T>(R * D);
+  s.gu = HostArray<T>(R * 2 * F);
+  s.a = HostArray<T>(R * F);
+  HostArray<T> xs(size_t(plan->rows_out()) * D, Mem::workspace), yl(R * D, Mem::workspace);
+  pack_unmoved(xs.data(), s.xp.data(), s.offsets, s.moved, D, /*to_packed=*/true);
+  expert_dispatch(ep, *plan, xs.data(), s.xl.data(), D);
+  cpu::grouped_matmul_forward(s.gu.data(), s.xl.data(), w.w_gu, plan->local_offsets.data(), El, D, 2 * F);
+  cpu::swiglu_forward(s.a.data(), s.gu.data(), int(R), F);
+  cpu::grouped_matmul_forward(yl.data(), s.a.data(), w.w_down, plan->local_offsets.data(), El, F, D);
+  expert_return(ep, *plan, yl.data(), xs.data(), D);
+  pack_unmoved(xs.data(), s.yp.data(), s.offsets, s.moved, D, /*to_packed=*/false);
+
+  // The guests' rows where they are.
+  const size_t Rg = size_t(tp->guest_pairs());
+  s.guest_gu = HostArray<T>(Rg * 2 * F);
+  s.guest_a = HostArray<T>(Rg * F);
+  for (size_t g = 0; g < guests.size(); ++g) {
+    const int e = guests[g], n = s.offsets[size_t(e) + 1] - s.offsets[size_t(e)];
+    const size_t r0 = size_t(s.offsets[size_t(e)]), g0 = size_t(tp->guest_offsets[g]);
+    const T* wg = s.guest_w.data() + g * n_w;
+    cpu::matmul_forward(s.guest_gu.data() + g0 * 2 * F, s.xp.data() + r0 * D, wg, n, D, 2 * F);
+    cpu::swiglu_forward(s.guest_a.data() + g0 * F, s.guest_gu.data() + g0 * 2 * F, n, F);
+    cpu::matmul_forward(s.yp.data() + r0 * D, s.guest_a.data() + g0 * F, wg + n_gu, n, F, D);
+  }
+  s.ep_load_max = double(tp->load_max), s.ep_load_max_unbalanced = double(tp->load_max_unbalanced);
+  s.ep_load_mean = double(tp->load_total) / P, s.ep_guest_pairs = int64_t(Rg);
+  s.plan = std::move(plan);
+  s.guests = std::move(tp);
+}
+
+// The mirror: the unmoved rows' output gradients to the owners and their input gradients back;
+// the guests' rows here, their weight gradients home, added to the owners'.
+template <class T>
+void balanced_experts_backward(T* dxp, T* dyp, const FfnSaved<T>& s, const LayerView<T>& w, const LayerView<T>& g,
+                               const ModelConfig& c, const MoeComm& comm) {
+  ProcessGroup& ep = *comm.ep;
+  const ExpertPlan& p = *s.plan;
+  const TokenExchangePlan& tp = *s.guests;
+  const int F = int(c.expert_ffn), D = int(c.hidden), El = p.local_experts;
+  const size_t n_gu = size_t(2 * F) * D, n_w = size_t(3 * F) * D, R = size_t(p.rows_in());
+  HostArray<T> ys(size_t(p.rows_out()) * D, Mem::workspace), dyl(R * D, Mem::workspace), da(R * F, Mem::workspace),
+      dgu(R * 2 * F, Mem::workspace), dxl(R * D, Mem::workspace);
+  pack_unmoved(ys.data(), dyp, s.offsets, s.moved, D, /*to_packed=*/true);
+  expert_dispatch(ep, p, ys.data(), dyl.data(), D);
+  cpu::grouped_matmul_backward(da.data(), g.w_down, dyl.data(), s.a.data(), w.w_down, p.local_offsets.data(), El, F, D);
+  cpu::swiglu_backward(dgu.data(), da.data(), s.gu.data(), int(R), F);
+  cpu::grouped_matmul_backward(dxl.data(), g.w_gu, dgu.data(), s.xl.data(), w.w_gu, p.local_offsets.data(), El, D,
+                               2 * F);
+  expert_return(ep, p, dxl.data(), ys.data(), D);
+  pack_unmoved(ys.data(), dxp, s.offsets, s.moved, D, /*to_packed=*/false);
+
+  const std::vector<int32_t>& guests = tp.guest_experts;
+  HostArray<T> gdw(guests.size() * n_w, Mem::comm);  // zeros: the guests' weight gradients
+  for (size_t k = 0; k < guests.size(); ++k) {
+    const int e = guests[k], n = s.offsets[size_t(e) + 1] - s.offsets[size_t(e)];
+    const size_t r0 = size_t(s.offsets[size_t(e)]), g0 = size_t(tp.guest_offsets[k]);
+    const T* wg = s.guest_w.data() + k * n_w;
+    T* dw = gdw.data() + k * n_w;
+    HostArray<T> gda(size_t(n) * F, Mem::workspace), gdgu(size_t(n) * 2 * F, Mem::workspace);
+    cpu::matmul_backward(gda.data(), dw + n_gu, dyp + r0 * D, s.guest_a.data() + g0 * F, wg + n_gu, n, F, D);
+    cpu::swiglu_backward(gdgu.data(), gda.data(), s.guest_gu.data() + g0 * 2 * F, n, F);
+    cpu::matmul_backward(dxp + r0 * D, dw, gdgu.data(), s.xp.data() + r0 * D, wg, n, D, 2 * F);
+  }
+  HostArray<T> back(tp.lent_out() * n_w, Mem::comm);
+  ep.all_to_all_v(gdw.data(), expert_elems(tp.borrowed, n_w), back.data(), expert_elems(lent_to(tp), n_w));
+  size_t i = 0;  // in the order they were lent
+  for (const std::vector<int32_t>& to : tp.lent)
+    for (int32_t j : to) {
+      const T* b = back.data() + i++ * n_w;
+      for (size_t x = 0; x < n_gu; ++x) g.w_gu[size_t(j) * n_gu + x] += b[x];
+      for (size_t x = 0; x < n_w - n_gu; ++x) g.w_down[size_t(j) * (n_w - n_gu) + x] += b[n_gu + x];
+    }
+}
+
 }  // namespace
 
 template <class T>
@@ -104,7 +253,9 @@ void ffn_block_forward(T* y, FfnSaved<T>& s, const T* x2, const LayerView<T>& w,
   s.xp = HostArray<T>(size_t(M) * D);
   s.yp = HostArray<T>(size_t(M) * D);
   cpu::moe_permute(s.xp.data(), s.h2.data(), s.row.data(), N, K, D);
-  if (!expert_parallel(comm)) {
+  if (expert_parallel(comm) && comm.balance) {
+    balanced_experts_forward(s, w, c, comm);
+  } else if (!expert_parallel(comm)) {
     s.gu = HostArray<T>(size_t(M) * 2 * F);
     s.a = HostArray<T>(size_t(M) * F);
     cpu::grouped_matmul_forward(s.gu.data(), s.xp.data(), w.w_gu, s.offsets.data(), E, D, 2 * F);
@@ -152,7 +303,10 @@ void ffn_block_backward(T* dx2, const T* dy, const FfnSaved<T>& s, const T* x2, 
     HostArray<T> dyp(size_t(M) * D, Mem::workspace), dw(size_t(N) * K, Mem::workspace);
     cpu::moe_combine_backward(dyp.data(), dw.data(), dy, s.yp.data(), s.w.data(), s.row.data(), N, K, D);
     HostArray<T> dxp(size_t(M) * D, Mem::workspace);
-    if (!s.plan) {
+    if (s.guests) {
+      MOP_CHECK(expert_parallel(comm), "ffn backward: forward ran expert-parallel, backward has no EP group");
+      balanced_experts_backward(dxp.data(), dyp.data(), s, w, g, c, comm);
+    } else if (!s.plan) {
       HostArray<T> da(size_t(M) * F, Mem::workspace), dgu(size_t(M) * 2 * F, Mem::workspace);
       cpu::grouped_matmul_backward(da.data(), g.w_down, dyp.data(), s.a.data(), w.w_down, s.offsets.data(), E, F, D);
       cpu::swiglu_backward(dgu.data(), da.data(), s.gu.data(), M, F);

@@ -16,11 +16,16 @@
 namespace mop {
 
 class ProcessGroup;
+struct ExpertBalanceOptions;  // parallel/expert_balance.h
+struct TokenExchangePlan;     // parallel/token_exchange.h
 
 // How an MoE layer reaches other ranks; the defaults are one rank holding every expert.
 struct MoeComm {
   ProcessGroup* ep = nullptr;  // routed experts split evenly over these ranks (parallel/expert_dispatch.h)
   ProcessGroup* dp = nullptr;  // ranks whose tokens form one micro-batch: load-balancing statistics are summed
+  // parallel.ep_balance: blocks of rows computed by the rank that routed them, with the experts'
+  // weights lent by their owners (parallel/expert_balance.h); null: every row goes to its owner.
+  const ExpertBalanceOptions* balance = nullptr;
 };
 
 template <class T> struct FfnSaved {
@@ -36,6 +41,15 @@ template <class T> struct FfnSaved {
   // then (R, 2F), (R, F).
   std::shared_ptr<const ExpertPlan> plan;
   HostArray<T> xl;
+  // Balanced (MoeComm::balance): moved (E) 1 where this rank's rows of expert e stayed here as a
+  // guest's (they stay in xp and yp; plan moves the others), the guests and loans (guest_experts,
+  // guest_offsets, lent, borrowed of the plan), the lent weights ((2F, D) then (D, F) per guest)
+  // and the guest rows' gu (Rg, 2F) and a (Rg, F) in guest order.
+  std::vector<uint8_t> moved;
+  std::shared_ptr<const TokenExchangePlan> guests;
+  HostArray<T> guest_w, guest_gu, guest_a;
+  double ep_load_max = 0, ep_load_max_unbalanced = 0, ep_load_mean = 0;  // LossStats's, this layer's
+  int64_t ep_guest_pairs = 0;
   HostArray<T> sgu, sa;        // shared experts: (N, 2Fs), (N, Fs)
   double lb_loss = 0;          // load-balancing loss of this layer (unscaled)
 };

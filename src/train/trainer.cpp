@@ -177,7 +177,8 @@ Trainer::Trainer(Config cfg, TrainOptions opt) : cfg_(std::move(cfg)), opt_(std:
     resumed();
     model_ = std::make_unique<Decoder<float>>(cfg_.model, table_);
     model_->bind(zero_.get());
-    model_->set_moe_comm(MoeComm{groups_->ep.get(), groups_->world.get()});
+    model_->set_moe_comm(MoeComm{groups_->ep.get(), groups_->world.get(),
+                                 cfg_.parallel.ep_balance ? &balance_ : nullptr});
     return;
   }
   if (own_shards) {  // a multi-GPU run of the same layout: the GPU decoder reads its own shard file below
@@ -301,10 +302,8 @@ void Trainer::setup_parallel(const std::string& device) {
             "train.batch = {} sequences per micro-batch (the global batch) cannot be split evenly over {} "
             "data-parallel ranks",
             cfg_.train.batch, world);
-  MOP_CHECK(!(pc.ep_balance && ep > 1 && device == "cpu"),
-            "parallel.ep_balance (least-loaded expert balancing) is implemented on the GPU only; the CPU backend's "
-            "parallel.ep = {} exchanges every pair with its expert's owner (set parallel.ep_balance = false)",
-            ep);
+  balance_.min_rows = pc.ep_balance_min_rows;
+  balance_.max_guests = int(pc.ep_balance_max_guests);
   groups_ = std::make_unique<Groups>(
       make_groups(rank_, ep, std::chrono::milliseconds(int64_t(pc.timeout_s * 1000))));
   const int El = int(cfg_.model.experts) / ep;
@@ -617,14 +616,13 @@ TrainResult Trainer::run() {
     m.eta_s = train_time / double(res.losses.size() + 1) * double(tc.steps - state_.step);
 #ifdef MOP_HAVE_CUDA
     if (gpu_) m.phase_ms = gpu_->take_phase_ms();
-    if (gpu_ && cfg_.parallel.ep > 1) {
-      const EpLoad el = gpu_->take_ep_load();
-      if (el.mean > 0) m.ep_load = el.max / el.mean, m.ep_load_unbalanced = el.max_unbalanced / el.mean;
-      m.ep_guest_pairs = el.guest_pairs;
+#endif
+    if (st.ep_load_mean > 0) {
+      m.ep_load = st.ep_load_max / st.ep_load_mean, m.ep_load_unbalanced = st.ep_load_max_unbalanced / st.ep_load_mean;
+      m.ep_guest_pairs = st.ep_guest_pairs;
       res.ep_load.push_back(m.ep_load), res.ep_load_unbalanced.push_back(m.ep_load_unbalanced);
       res.ep_guest_pairs.push_back(m.ep_guest_pairs);
     }
-#endif
     if (!m.phase_ms.empty()) res.phase_ms.push_back(m.phase_ms);
     if (!std::isfinite(m.loss)) MOP_FAIL("loss is {} at step {}: training diverged", m.loss, state_.step);
     res.losses.push_back(m.loss);
@@ -633,7 +631,7 @@ TrainResult Trainer::run() {
     if (tc.eval_every > 0 && (state_.step % tc.eval_every == 0 || last) && data_.val) {
       m.eval_loss = evaluate();
 #ifdef MOP_HAVE_CUDA
-      if (gpu_) gpu_->take_phase_ms(), gpu_->take_ep_load();  // the evaluation's are no step's
+      if (gpu_) gpu_->take_phase_ms();  // the evaluation's marks are no step's phases
 #endif
       res.final_eval_loss = *m.eval_loss;
     }

@@ -12,6 +12,7 @@
 #include "core/rng.h"
 #include "model/decoder.h"
 #include "optim/optimizer.h"
+#include "parallel/expert_balance.h"
 #include "parallel/launch.h"
 #include "train/config.h"
 #include "train/data_setup.h"
@@ -97,6 +98,7 @@ class Trainer {
   int threads_ = 1;
   RankInfo rank_;
   std::unique_ptr<Groups> groups_;
+  ExpertBalanceOptions balance_;  // parallel.ep_balance_* (the CPU backend's MoE layers point at it)
   std::unique_ptr<ZeroParams> zero_;
   struct GpuGroups;
   std::unique_ptr<GpuGroups> gpu_groups_;  // multi-GPU runs (NCCL)

@@ -97,16 +97,9 @@ struct GpuDecoderOptions {
   // side_stream() (parallel/expert_balance.h, gpu_decoder_comm.cpp). Same math; the sums of a
   // moved block's outputs and weight gradient take another order.
   bool ep_balance = false;
-  ExpertBalanceOptions balance;
+  ExpertBalanceOptions balance{};
 };
 
-// How balanced the expert-parallel layers of the step's micro-batches were (GpuDecoder::take_ep_load):
-// sums over every MoE layer of the most loaded rank's pairs (with the moves and without) and of
-// the mean over the ranks, and this rank's guest pairs and guest experts.
-struct EpLoad {
-  double max = 0, max_unbalanced = 0, mean = 0;
-  int64_t guest_pairs = 0, guests = 0, layers = 0;
-};
 
 class GpuDecoder final : public ShardedState {
  public:
@@ -139,7 +132,6 @@ class GpuDecoder final : public ShardedState {
   cudaStream_t stream() const { return stream_; }
   cudaStream_t comm_stream() const { return comm_stream_; }
   cudaStream_t side_stream() const { return side_stream_; }  // options().ep_balance only
-  EpLoad take_ep_load();  // since the last call (zero without expert parallelism)
   const GpuDecoderOptions& options() const { return opt_; }
 
   // The step's last micro-batch: its backward starts each unit's gradient reduction (dense over
@@ -272,7 +264,7 @@ class GpuDecoder final : public ShardedState {
   cudaEvent_t guest_dw_free_[2] = {};  // (side) a rotating guest gradient buffer sent
   bool side_pending_ = false;           // side_added_ not yet joined by the compute stream
   int guest_dw_turn_ = 0;
-  EpLoad ep_load_;
+  LossStats ep_load_;  // the micro-batch's expert loads (its ep_* fields), into run()'s statistics
   bool last_micro_ = true, state_ready_ = false;
   // bf16 gradients: zero_grads leaves the expert units' whole gradients (most of the model) to the
   // next backward, whose grouped products overwrite them instead of adding to zeros (dw_overwrite_

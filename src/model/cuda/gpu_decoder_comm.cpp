@@ -180,9 +180,8 @@ void GpuDecoder::experts_forward_ep(int l) {
   const size_t R = size_t(p.pairs_in()), Rg = size_t(p.guest_pairs()), Rt = size_t(p.tokens_in());
   const size_t Rall = R + Rg;  // the pair buffers' rows: the local experts', then the guests'
   const int El = p.local_experts, G = int(p.guest_experts.size());
-  ep_load_.max += double(p.load_max), ep_load_.max_unbalanced += double(p.load_max_unbalanced);
-  ep_load_.mean += double(p.load_total) / P, ep_load_.guest_pairs += int64_t(Rg), ep_load_.guests += G;
-  ++ep_load_.layers;
+  ep_load_.ep_load_max += double(p.load_max), ep_load_.ep_load_max_unbalanced += double(p.load_max_unbalanced);
+  ep_load_.ep_load_mean += double(p.load_total) / P, ep_load_.ep_guest_pairs += int64_t(Rg);
   const bool keep = opt_.recompute == GpuRecompute::none;  // else selective (full is refused)
   auto bf16_rows = [](size_t rows, int width, Mem m) { return Buffer(Device::cuda, m, rows * size_t(width) * 2); };
   if (Rall > el.r_cap) {
@@ -349,8 +348,6 @@ void GpuDecoder::join_side() {
   MOP_CUDA_CHECK(cudaStreamWaitEvent(stream_, side_added_, 0));
   side_pending_ = false;
 }
-
-EpLoad GpuDecoder::take_ep_load() { return std::exchange(ep_load_, EpLoad{}); }
 
 // With ep_overlap the weight gradients go to the wgrad stream once dxl exists (the return exchange
 // needs nothing else): there they run beside the exchange (and the waiting for a slower peer), the
