@@ -115,9 +115,8 @@ struct GpuDecoder::Acts {
     GpuTokenExchange x;
     Buffer xr, xl, gu, a, yl;  // (Rt, D), (R, D), (R, 2F), (R, F), (R, D); xl, gu, yl expert-major pairs
     size_t r_cap = 0, rt_cap = 0;
-    Buffer guest_w;            // (G, 2F, D) then (G, D, F) bf16: the lent experts' weights
+    Buffer guest_w;            // (G, 2F, D) then (G, D, F) bf16: the lent experts' weights (room for max_guests)
     Buffer gslot;              // (N, K) int32: each pair's guest row, or -1 (moe_ep_guest_rows)
-    size_t g_cap = 0;          // experts guest_w holds
   };
   std::vector<EpLayer> ep;                 // (L)
   __nv_bfloat16* ep_send = nullptr;        // (S, D), S <= N min(ep, K): token rows to / from the owners

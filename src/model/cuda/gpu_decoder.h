@@ -100,7 +100,6 @@ struct GpuDecoderOptions {
   ExpertBalanceOptions balance{};
 };
 
-
 class GpuDecoder final : public ShardedState {
  public:
   GpuDecoder(const ModelConfig& c, const ParamTable& t, GpuDecoderOptions o = {});

@@ -1,6 +1,9 @@
 // GpuDecoder across ranks: expert-parallel MoE layers (each token's row once to every rank owning
 // one of its experts, one gate-weighted row back: parallel/cuda/expert_exchange_gpu.h) and the
 // load-balancing statistics of the whole micro-batch. Same math as the CPU path (model/ffn_block.cpp, parallel/zero.cpp).
+// Balanced layers (GpuDecoderOptions::ep_balance, parallel/expert_balance.h) also compute their
+// moved blocks as guest rows after the local experts' (gpu_acts.h), with the experts' weights lent
+// and their gradients returned on the side stream (lend_experts, return_guest_grads).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -197,8 +200,8 @@ void GpuDecoder::experts_forward_ep(int l) {
     el.xr = bf16_rows(el.rt_cap, D, Mem::activations);
   }
   if (G > 0 && !el.guest_w.data()) {  // the layer's first guests: room for as many as a plan may hold
-    el.g_cap = size_t(opt_.balance.max_guests);
-    el.guest_w = Buffer(Device::cuda, Mem::comm, el.g_cap * 3 * size_t(F) * size_t(D) * 2);
+    const size_t most = size_t(opt_.balance.max_guests);
+    el.guest_w = Buffer(Device::cuda, Mem::comm, most * 3 * size_t(F) * size_t(D) * 2);
     el.gslot = Buffer(Device::cuda, Mem::comm, size_t(N) * size_t(K) * sizeof(int32_t));
   }
   if (Rall > a.ep_r_cap) {
