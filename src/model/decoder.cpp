@@ -14,18 +14,10 @@ void LossStats::add(const LossStats& o) {
   ce_sum += o.ce_sum;
   ce_tokens += o.ce_tokens;
   lb_sum += o.lb_sum;
-  ep_load_max += o.ep_load_max, ep_load_max_unbalanced += o.ep_load_max_unbalanced, ep_load_mean += o.ep_load_mean;
-  ep_guest_pairs += o.ep_guest_pairs;
+  ep_load.add(o.ep_load);
   if (counts.size() < o.counts.size()) counts.resize(o.counts.size(), 0);
   for (size_t i = 0; i < o.counts.size(); ++i) counts[i] += o.counts[i];
 }
-
-namespace {
-template <class T> void add_ep_load(LossStats& st, const FfnSaved<T>& f) {
-  st.ep_load_max += f.ep_load_max, st.ep_load_max_unbalanced += f.ep_load_max_unbalanced;
-  st.ep_load_mean += f.ep_load_mean, st.ep_guest_pairs += f.ep_guest_pairs;
-}
-}  // namespace
 
 template <class T>
 FlatParams<T>::FlatParams(const ParamTable& t, const ModelConfig& c, const T* params, T* grads)
@@ -110,7 +102,7 @@ LossStats Decoder<T>::forward_backward(const TokenBatch& b, T ce_scale, T lb_sca
     layer_forward(l, xs[l].data(), xs[l + 1].data(), saved[l], b);
     src_->release_layer(l, false);
     st.lb_sum += saved[l].ffn.lb_loss;
-    add_ep_load(st, saved[l].ffn);
+    st.ep_load.add(saved[l].ffn.ep_load);
     for (size_t e = 0; e < saved[l].ffn.counts.size(); ++e) st.counts[size_t(l) * E + e] = saved[l].ffn.counts[e];
     if (r == Recompute::full) saved[l] = LayerSaved{};
   }
@@ -155,7 +147,7 @@ template <class T> LossStats Decoder<T>::forward_loss(const TokenBatch& b) {
     layer_forward(l, x.data(), y.data(), s, b);
     src_->release_layer(l, false);
     st.lb_sum += s.ffn.lb_loss;
-    add_ep_load(st, s.ffn);
+    st.ep_load.add(s.ffn.ep_load);
     for (size_t e = 0; e < s.ffn.counts.size(); ++e) st.counts[size_t(l) * E + e] = s.ffn.counts[e];
     std::swap(x, y);
   }

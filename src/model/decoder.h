@@ -52,11 +52,7 @@ struct LossStats {
   int64_t ce_tokens = 0;         // tokens with a target
   double lb_sum = 0;             // sum over MoE layers of the load-balancing loss
   std::vector<int64_t> counts;   // (layers, experts): tokens routed to each expert
-  // Expert parallelism (GPU; CPU with parallel.ep_balance): sums over the MoE layers of the most
-  // loaded rank's expert rows, with the balancing's moves and without, and of the mean rank's;
-  // this rank's rows computed as a guest. All 0 when not reported.
-  double ep_load_max = 0, ep_load_max_unbalanced = 0, ep_load_mean = 0;
-  int64_t ep_guest_pairs = 0;
+  EpLoad ep_load;                // expert parallelism (GPU; CPU with parallel.ep_balance); 0 when not reported
   void add(const LossStats& o);
 };
 

@@ -92,18 +92,6 @@ void pack_unmoved(T* packed, T* whole, const std::vector<int32_t>& off, const st
   }
 }
 
-// Per-rank expert counts as all_to_all_v's element counts.
-std::vector<size_t> expert_elems(const std::vector<size_t>& experts, size_t per_expert) {
-  std::vector<size_t> v(experts);
-  for (size_t& x : v) x *= per_expert;
-  return v;
-}
-std::vector<size_t> lent_to(const TokenExchangePlan& p) {
-  std::vector<size_t> v;
-  for (const std::vector<int32_t>& l : p.lent) v.push_back(l.size());
-  return v;
-}
-
 // Everything the balanced forward decides from the counts (one all-gather over ep) and the lent
 // weights; then the unmoved rows' exchange and the guests' rows.
 template <class T>
@@ -112,9 +100,8 @@ void balanced_experts_forward(FfnSaved<T>& s, const LayerView<T>& w, const Model
   const int P = ep.size(), me = ep.rank(), E = int(c.experts), F = int(c.expert_ffn), D = int(c.hidden);
   const int El = E / P;
   const size_t W = size_t(E + P), n_gu = size_t(2 * F) * D, n_w = size_t(3 * F) * D;
-  std::vector<int64_t> mine(W, 0), cnt(W * size_t(P));  // rows per global expert (no token columns here)
-  for (int e = 0; e < E; ++e) mine[size_t(e)] = s.offsets[size_t(e) + 1] - s.offsets[size_t(e)];
-  ep.all_gather(mine.data(), W, cnt.data());
+  // Rows per global expert from every rank (no token columns: this exchange moves rows).
+  const std::vector<int64_t> cnt = gather_token_exchange_counts(ep, s.offsets.data(), E, nullptr);
   const std::vector<uint8_t> moved = plan_expert_balance(P, E, cnt.data(), *comm.balance);
   auto tp = std::make_shared<TokenExchangePlan>(make_token_exchange_plan(P, me, E, cnt.data(), moved));
   std::vector<int64_t> send_cnt(static_cast<size_t>(E)), recv_cnt(static_cast<size_t>(E));  // recv: (source, El)
@@ -137,7 +124,7 @@ void balanced_experts_forward(FfnSaved<T>& s, const LayerView<T>& w, const Model
       ++i;
     }
   s.guest_w = HostArray<T>(guests.size() * n_w);
-  ep.all_to_all_v(lend.data(), expert_elems(lent_to(*tp), n_w), s.guest_w.data(), expert_elems(tp->borrowed, n_w));
+  ep.all_to_all_v(lend.data(), row_elements(tp->lending, int(n_w)), s.guest_w.data(), row_elements(tp->borrowed, int(n_w)));
 
   // The unmoved rows to their owners and back, as without balancing.
   const size_t R = size_t(plan->rows_in());
@@ -165,8 +152,7 @@ void balanced_experts_forward(FfnSaved<T>& s, const LayerView<T>& w, const Model
     cpu::swiglu_forward(s.guest_a.data() + g0 * F, s.guest_gu.data() + g0 * 2 * F, n, F);
     cpu::matmul_forward(s.yp.data() + r0 * D, s.guest_a.data() + g0 * F, wg + n_gu, n, F, D);
   }
-  s.ep_load_max = double(tp->load_max), s.ep_load_max_unbalanced = double(tp->load_max_unbalanced);
-  s.ep_load_mean = double(tp->load_total) / P, s.ep_guest_pairs = int64_t(Rg);
+  s.ep_load = tp->layer_load();
   s.plan = std::move(plan);
   s.guests = std::move(tp);
 }
@@ -205,7 +191,7 @@ void balanced_experts_backward(T* dxp, T* dyp, const FfnSaved<T>& s, const Layer
     cpu::matmul_backward(dxp + r0 * D, dw, gdgu.data(), s.xp.data() + r0 * D, wg, n, D, 2 * F);
   }
   HostArray<T> back(tp.lent_out() * n_w, Mem::comm);
-  ep.all_to_all_v(gdw.data(), expert_elems(tp.borrowed, n_w), back.data(), expert_elems(lent_to(tp), n_w));
+  ep.all_to_all_v(gdw.data(), row_elements(tp.borrowed, int(n_w)), back.data(), row_elements(tp.lending, int(n_w)));
   size_t i = 0;  // in the order they were lent
   for (const std::vector<int32_t>& to : tp.lent)
     for (int32_t j : to) {

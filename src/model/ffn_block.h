@@ -11,12 +11,12 @@
 #include "model/config.h"
 #include "model/params.h"
 #include "ops/cpu/router.h"
+#include "parallel/expert_balance.h"
 #include "parallel/expert_dispatch.h"
 
 namespace mop {
 
 class ProcessGroup;
-struct ExpertBalanceOptions;  // parallel/expert_balance.h
 struct TokenExchangePlan;     // parallel/token_exchange.h
 
 // How an MoE layer reaches other ranks; the defaults are one rank holding every expert.
@@ -48,8 +48,7 @@ template <class T> struct FfnSaved {
   std::vector<uint8_t> moved;
   std::shared_ptr<const TokenExchangePlan> guests;
   HostArray<T> guest_w, guest_gu, guest_a;
-  double ep_load_max = 0, ep_load_max_unbalanced = 0, ep_load_mean = 0;  // LossStats's, this layer's
-  int64_t ep_guest_pairs = 0;
+  EpLoad ep_load;              // this layer's (LossStats::ep_load)
   HostArray<T> sgu, sa;        // shared experts: (N, 2Fs), (N, Fs)
   double lb_loss = 0;          // load-balancing loss of this layer (unscaled)
 };

@@ -39,4 +39,15 @@ std::vector<uint8_t> plan_expert_balance(int ep, int E, const int64_t* counts, c
 // source except the moved blocks, plus the blocks it computes as a guest.
 std::vector<int64_t> expert_loads(int ep, int E, const int64_t* counts, const std::vector<uint8_t>& moved);
 
+// How even expert-parallel layers were, summed over layers (and micro-batches): the most loaded
+// rank's pairs with the moves and without them, the mean rank's, and this rank's guest pairs.
+// max / mean is 1 when even; the lighter ranks wait at every exchange for the most loaded.
+struct EpLoad {
+  double max = 0, max_unbalanced = 0, mean = 0;
+  int64_t guest_pairs = 0;
+  void add(const EpLoad& o) {
+    max += o.max, max_unbalanced += o.max_unbalanced, mean += o.mean, guest_pairs += o.guest_pairs;
+  }
+};
+
 }  // namespace mop

@@ -15,10 +15,9 @@ int64_t TokenExchangePlan::tokens_out() const {
 int64_t TokenExchangePlan::tokens_in() const {
   return int64_t(std::accumulate(recv_tokens.begin(), recv_tokens.end(), size_t(0)));
 }
-size_t TokenExchangePlan::lent_out() const {
-  size_t n = 0;
-  for (const auto& l : lent) n += l.size();
-  return n;
+size_t TokenExchangePlan::lent_out() const { return std::accumulate(lending.begin(), lending.end(), size_t(0)); }
+EpLoad TokenExchangePlan::layer_load() const {
+  return EpLoad{double(load_max), double(load_max_unbalanced), double(load_total) / ep, guest_pairs()};
 }
 
 TokenExchangePlan make_token_exchange_plan(int ep, int rank, int E, const int64_t* counts,
@@ -76,9 +75,12 @@ TokenExchangePlan make_token_exchange_plan(int ep, int rank, int E, const int64_
       ++p.borrowed[size_t(e / El)];
     }
   }
-  for (int q = 0; q < ep; ++q)
+  p.lending.assign(size_t(ep), 0);
+  for (int q = 0; q < ep; ++q) {
     for (int j = 0; j < El; ++j)
       if (mv(q, rank * El + j)) p.lent[size_t(q)].push_back(j);
+    p.lending[size_t(q)] = p.lent[size_t(q)].size();
+  }
   const std::vector<int64_t> load = expert_loads(ep, E, counts, moved), before = expert_loads(ep, E, counts, {});
   p.load_max = *std::max_element(load.begin(), load.end());
   p.load_max_unbalanced = *std::max_element(before.begin(), before.end());
@@ -86,15 +88,22 @@ TokenExchangePlan make_token_exchange_plan(int ep, int rank, int E, const int64_
   return p;
 }
 
-TokenExchangePlan plan_token_exchange(ProcessGroup& ep, const int32_t* off, int E, const int32_t* tokens_ep,
-                                      const ExpertBalanceOptions* balance) {
+std::vector<int64_t> gather_token_exchange_counts(ProcessGroup& ep, const int32_t* off, int E,
+                                                  const int32_t* tokens_ep) {
   const int P = ep.size();
   MOP_CHECK(E % P == 0, "{} experts cannot be split evenly over an expert-parallel group of {}", E, P);
   const size_t W = size_t(E + P);
-  std::vector<int64_t> mine(W), all(W * size_t(P));
+  std::vector<int64_t> mine(W, 0), all(W * size_t(P));
   for (int e = 0; e < E; ++e) mine[size_t(e)] = off[e + 1] - off[e];
-  for (int q = 0; q < P; ++q) mine[size_t(E + q)] = tokens_ep[q];
+  for (int q = 0; tokens_ep && q < P; ++q) mine[size_t(E + q)] = tokens_ep[q];
   ep.all_gather(mine.data(), W, all.data());
+  return all;
+}
+
+TokenExchangePlan plan_token_exchange(ProcessGroup& ep, const int32_t* off, int E, const int32_t* tokens_ep,
+                                      const ExpertBalanceOptions* balance) {
+  const int P = ep.size();
+  const std::vector<int64_t> all = gather_token_exchange_counts(ep, off, E, tokens_ep);
   return make_token_exchange_plan(P, ep.rank(), E, all.data(),
                                   balance ? plan_expert_balance(P, E, all.data(), *balance) : std::vector<uint8_t>{});
 }

@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "parallel/expert_balance.h"
 #include "parallel/process_group.h"
 
 namespace mop {
@@ -40,6 +41,7 @@ struct TokenExchangePlan {
   std::vector<int32_t> guest_offsets;   // (G + 1) their rows, counted from the end of the local experts' rows
   std::vector<int32_t> guest_base;      // (E) first guest row of expert e, or -1
   std::vector<std::vector<int32_t>> lent;  // (ep) local experts lent to each rank (its guests), ascending
+  std::vector<size_t> lending;          // (ep) how many: lent[q].size()
   std::vector<size_t> borrowed;         // (ep) guest experts from each owner
   // Expert pairs computed per rank of the group (balanced) and without the moves: their largest and sum.
   int64_t load_max = 0, load_max_unbalanced = 0, load_total = 0;
@@ -48,6 +50,7 @@ struct TokenExchangePlan {
   int64_t pairs_in() const { return local_offsets.back(); }  // R: rows its local experts process
   int64_t guest_pairs() const { return guest_offsets.empty() ? 0 : guest_offsets.back(); }  // Rg
   size_t lent_out() const;              // experts this rank lends, over all borrowers
+  EpLoad layer_load() const;            // the loads above as one layer's EpLoad (with the guest pairs)
 };
 
 // counts: (ep, E + ep) for every rank s of the group: [pairs s routed to each global expert,
@@ -55,10 +58,12 @@ struct TokenExchangePlan {
 TokenExchangePlan make_token_exchange_plan(int ep, int rank, int E, const int64_t* counts,
                                            const std::vector<uint8_t>& moved = {});
 
-struct ExpertBalanceOptions;
-// Collective over ep (one all-gather of E + ep counts). offsets_E1: this rank's expert-sorted pair
-// offsets over all E experts; tokens_ep: tokens it sends to each rank of the group. balance: the
-// moves of plan_expert_balance, or none.
+// Collective over ep: every rank's counts as make_token_exchange_plan takes them, (ep, E + ep),
+// from one all-gather. offsets_E1: this rank's expert-sorted pair offsets over all E experts;
+// tokens_ep: tokens it sends to each rank of the group (null: zeros, for an exchange of pairs).
+std::vector<int64_t> gather_token_exchange_counts(ProcessGroup& ep, const int32_t* offsets_E1, int E,
+                                                  const int32_t* tokens_ep);
+// The plan from those counts; balance: with the moves of plan_expert_balance, or none.
 TokenExchangePlan plan_token_exchange(ProcessGroup& ep, const int32_t* offsets_E1, int E, const int32_t* tokens_ep,
                                       const ExpertBalanceOptions* balance = nullptr);
 

@@ -617,9 +617,9 @@ TrainResult Trainer::run() {
 #ifdef MOP_HAVE_CUDA
     if (gpu_) m.phase_ms = gpu_->take_phase_ms();
 #endif
-    if (st.ep_load_mean > 0) {
-      m.ep_load = st.ep_load_max / st.ep_load_mean, m.ep_load_unbalanced = st.ep_load_max_unbalanced / st.ep_load_mean;
-      m.ep_guest_pairs = st.ep_guest_pairs;
+    if (st.ep_load.mean > 0) {
+      m.ep_load = st.ep_load.max / st.ep_load.mean, m.ep_load_unbalanced = st.ep_load.max_unbalanced / st.ep_load.mean;
+      m.ep_guest_pairs = st.ep_load.guest_pairs;
       res.ep_load.push_back(m.ep_load), res.ep_load_unbalanced.push_back(m.ep_load_unbalanced);
       res.ep_guest_pairs.push_back(m.ep_guest_pairs);
     }

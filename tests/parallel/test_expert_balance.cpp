@@ -125,7 +125,9 @@ TEST(ExpertBalance, DescentKeepsItsPromises) {
           EXPECT_LT(after[size_t(hot)] - std::max(after[size_t(hot)] - b, after[size_t(s)] + b), least)
               << "an improving move of block (" << s << ", " << e << ") was left";
         }
-      if (P == 2 && o.min_rows == 0) EXPECT_GT(any, 0);  // these routings are never balanced already
+      if (P == 2 && o.min_rows == 0) {
+        EXPECT_GT(any, 0);  // these routings are never balanced already
+      }
     }
 }
 

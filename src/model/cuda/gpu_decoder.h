@@ -263,7 +263,7 @@ class GpuDecoder final : public ShardedState {
   cudaEvent_t guest_dw_free_[2] = {};  // (side) a rotating guest gradient buffer sent
   bool side_pending_ = false;           // side_added_ not yet joined by the compute stream
   int guest_dw_turn_ = 0;
-  LossStats ep_load_;  // the micro-batch's expert loads (its ep_* fields), into run()'s statistics
+  EpLoad ep_load_;  // the micro-batch's expert loads so far, into run()'s statistics
   bool last_micro_ = true, state_ready_ = false;
   // bf16 gradients: zero_grads leaves the expert units' whole gradients (most of the model) to the
   // next backward, whose grouped products overwrite them instead of adding to zeros (dw_overwrite_

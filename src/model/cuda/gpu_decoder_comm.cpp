@@ -23,23 +23,11 @@
 #include "parallel/cuda/device_group.h"
 #include "parallel/cuda/expert_exchange_gpu.h"
 #include "parallel/cuda/skip_group.h"
+#include "parallel/expert_dispatch.h"
 
 namespace mop {
 
 using bf16 = __nv_bfloat16;
-
-namespace {
-// Experts lent to each rank of the group, and per-rank expert counts as all_to_all_v's element counts.
-std::vector<size_t> lent_counts(const TokenExchangePlan& p) {
-  std::vector<size_t> n;
-  for (const std::vector<int32_t>& to : p.lent) n.push_back(to.size());
-  return n;
-}
-std::vector<size_t> times(std::vector<size_t> experts, size_t elems) {
-  for (size_t& c : experts) c *= elems;
-  return experts;
-}
-}  // namespace
 
 bool GpuDecoder::expert_parallel() const { return comm_.ep && comm_.ep->size() > 1; }
 
@@ -183,8 +171,7 @@ void GpuDecoder::experts_forward_ep(int l) {
   const size_t R = size_t(p.pairs_in()), Rg = size_t(p.guest_pairs()), Rt = size_t(p.tokens_in());
   const size_t Rall = R + Rg;  // the pair buffers' rows: the local experts', then the guests'
   const int El = p.local_experts, G = int(p.guest_experts.size());
-  ep_load_.ep_load_max += double(p.load_max), ep_load_.ep_load_max_unbalanced += double(p.load_max_unbalanced);
-  ep_load_.ep_load_mean += double(p.load_total) / P, ep_load_.ep_guest_pairs += int64_t(Rg);
+  ep_load_.add(p.layer_load());
   const bool keep = opt_.recompute == GpuRecompute::none;  // else selective (full is refused)
   auto bf16_rows = [](size_t rows, int width, Mem m) { return Buffer(Device::cuda, m, rows * size_t(width) * 2); };
   if (Rall > el.r_cap) {
@@ -296,10 +283,11 @@ void GpuDecoder::lend_experts(int l) {
     }
   bf16* recv_gu = el.guest_w.as<bf16>();
   bf16* recv_down = recv_gu + G * n_gu;
-  const std::vector<size_t> send = lent_counts(p), &recv = p.borrowed;
-  comm_.ep_side->all_to_all_v_async(send_gu, times(send, n_gu), recv_gu, times(recv, n_gu), DType::bf16);
-  side_last_ = comm_.ep_side->all_to_all_v_async(send_down, times(send, n_down), recv_down, times(recv, n_down),
-                                                 DType::bf16);
+  const int gu = int(n_gu), down = int(n_down);
+  comm_.ep_side->all_to_all_v_async(send_gu, row_elements(p.lending, gu), recv_gu, row_elements(p.borrowed, gu),
+                                    DType::bf16);
+  side_last_ = comm_.ep_side->all_to_all_v_async(send_down, row_elements(p.lending, down), recv_down,
+                                                 row_elements(p.borrowed, down), DType::bf16);
   MOP_CUDA_CHECK(cudaEventRecord(side_lent_, ss));
 }
 
@@ -326,10 +314,11 @@ void GpuDecoder::return_guest_grads(int l, const LayerView<G>& g) {
   const G* dw_down = Gn ? dw_gu + Gn * n_gu : nullptr;
   G* back_gu = a.lent_dw.as<G>();
   G* back_down = back_gu + lent * n_gu;
-  const std::vector<size_t> &send = p.borrowed, recv = lent_counts(p);
   const DType t = std::is_same_v<G, float> ? DType::f32 : DType::bf16;
-  comm_.ep_side->all_to_all_v_async(dw_gu, times(send, n_gu), back_gu, times(recv, n_gu), t);
-  side_last_ = comm_.ep_side->all_to_all_v_async(dw_down, times(send, n_down), back_down, times(recv, n_down), t);
+  const int gu = int(n_gu), down = int(n_down);
+  comm_.ep_side->all_to_all_v_async(dw_gu, row_elements(p.borrowed, gu), back_gu, row_elements(p.lending, gu), t);
+  side_last_ = comm_.ep_side->all_to_all_v_async(dw_down, row_elements(p.borrowed, down), back_down,
+                                                 row_elements(p.lending, down), t);
   if (Gn) MOP_CUDA_CHECK(cudaEventRecord(guest_dw_free_[turn], ss));
   auto add = [&](G* to, const G* from, size_t n) {
     if constexpr (std::is_same_v<G, float>) cuda::add_f32(to, from, n, ss);

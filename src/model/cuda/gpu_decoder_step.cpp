@@ -297,7 +297,8 @@ LossStats GpuDecoder::run(const TokenBatch& b, float ce_scale, float lb_scale, b
   // Statistics back to the host: two asynchronous copies into page-locked memory, then the
   // micro-batch's one synchronisation (a copy into pageable memory would wait for the stream
   // each time).
-  LossStats stats = std::exchange(ep_load_, LossStats{});  // the expert loads of this micro-batch's forward
+  LossStats stats;
+  stats.ep_load = std::exchange(ep_load_, EpLoad{});  // this micro-batch's forward's
   stats.counts.assign(size_t(L) * E, 0);
   if (has_targets)
     MOP_CUDA_CHECK(cudaMemcpyAsync(a.loss_host.data(), a.ce_loss, size_t(N) * 4, cudaMemcpyDeviceToHost, st));
